@@ -1,0 +1,1 @@
+"""Shower data: file formats, the embedded simulator, downloads, transforms, loaders."""
