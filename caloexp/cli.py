@@ -1,0 +1,72 @@
+"""What every command-line entry point shares: one-line errors and a non-zero exit.
+
+Hydra reports a bad override as a multi-line message with a hint about
+HYDRA_FULL_ERROR; a physicist wants one line saying which override is wrong and
+what would be right. :func:`run_hydra_app` composes the config once up front to
+catch those, and :func:`report_errors` turns a :class:`CaloexpError` raised inside
+a job into ``error: <message>`` on stderr and the error's exit code. In a multirun
+the error is re-raised so that the sweeper can record the failed trial and go on.
+"""
+from __future__ import annotations
+
+import re
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+
+from caloexp.errors import CaloexpError
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def fail(message: str, code: int = 2) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+@contextmanager
+def report_errors() -> Iterator[None]:
+    try:
+        yield
+    except CaloexpError as exc:
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise
+        fail(str(exc), exc.exit_code)
+
+
+def one_line(message: str) -> str:
+    """Condense a Hydra/OmegaConf composition error into one readable line."""
+    text = message.split("Config search path")[0]
+    text = re.sub(r"\s*full_key:.*|\s*object_type=.*", "", text)
+    parts = [p.strip() for p in text.strip().splitlines() if p.strip()]
+    if "Available options" in text:
+        head = [p for p in parts if not p.startswith("Available options")]
+        i = next(k for k, p in enumerate(parts) if p.startswith("Available options"))
+        return f"{head[0]} (available: {', '.join(parts[i + 1:])})"
+    return "; ".join(parts)
+
+
+def check_overrides(config_name: str, overrides: list[str]) -> str | None:
+    """Compose the config with these overrides; return a one-line problem or None."""
+    from hydra import compose, initialize_config_dir
+
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            compose(config_name=config_name, overrides=overrides)
+    except Exception as exc:  # noqa: BLE001 - Hydra raises several unrelated types here
+        return one_line(str(exc))
+    return None
+
+
+def run_hydra_app(app: Callable[[], object], config_name: str) -> None:
+    """Run a ``@hydra.main`` app after checking plain ``key=value`` overrides up front."""
+    args = sys.argv[1:]
+    if args and not any(a.startswith("-") for a in args):
+        problem = check_overrides(config_name, [a for a in args if not a.startswith("hydra.")])
+        if problem:
+            fail(problem)
+    app()

@@ -1,0 +1,142 @@
+"""MLflow bookkeeping for one training run: the only module that talks to MLflow while training.
+
+What a run records: the resolved config (flattened params + ``config.yaml``), Hydra
+overrides, git commit and output directory as tags, metrics per step, plots,
+checkpoints and the final generator as an MLflow PyTorch model.
+
+Resuming re-opens the same run. Metrics already recorded at a step are not logged
+again (the resumed run recomputes bit-identical values for them on CPU), so a
+metric's history has every step exactly once however often the run was interrupted.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from pathlib import Path
+from typing import Any, Mapping
+
+import mlflow
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # without it the MLflow 3 UI opens a GenAI view
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists are kept as one value."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def git_commit(path: str | Path | None = None) -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=path or Path(__file__).parent, capture_output=True,
+                              text=True, timeout=5, check=True).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def get_or_create_experiment(client: MlflowClient, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: "custom_model_development"})
+    if exp.tags.get(EXPERIMENT_KIND_TAG) is None:
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development")
+    return exp.experiment_id
+
+
+class Tracker:
+    """Opens (or re-opens) one MLflow run and logs into it; closes it with the right status."""
+
+    def __init__(self, tracking_uri: str, experiment_name: str, run_name: str | None = None,
+                 parent_run_id: str | None = None, tags: Mapping[str, str] | None = None,
+                 log_model: bool = True):
+        self.tracking_uri = tracking_uri
+        self.experiment_name = experiment_name
+        self.run_name = run_name
+        self.parent_run_id = parent_run_id
+        self.tags = {k: str(v) for k, v in (tags or {}).items()}
+        self.log_model_enabled = log_model
+        self.run_id: str | None = None
+        self._logged_up_to: dict[str, int] = {}
+
+    # ---------------------------------------------------------------- open
+    def start(self, config: DictConfig, run_id: str | None = None, extra_tags: Mapping[str, str] | None = None) -> str:
+        """Start a new run (logging the config), or re-open ``run_id`` when resuming."""
+        mlflow.set_tracking_uri(self.tracking_uri)
+        client = MlflowClient(self.tracking_uri)
+        if run_id is not None:
+            mlflow.start_run(run_id=run_id)
+            self.run_id = run_id
+            self._logged_up_to = self._last_logged_steps(client, run_id)
+            mlflow.set_tag("caloexp.resumed", "true")
+            log.info("resumed MLflow run %s", run_id)
+            return run_id
+        exp_id = get_or_create_experiment(client, self.experiment_name)
+        tags = dict(self.tags, **{k: str(v) for k, v in (extra_tags or {}).items()})
+        if self.parent_run_id:
+            tags["mlflow.parentRunId"] = self.parent_run_id
+        commit = git_commit()
+        if commit:
+            tags["mlflow.source.git.commit"] = commit
+        run = mlflow.start_run(experiment_id=exp_id, run_name=self.run_name, tags=tags)
+        self.run_id = run.info.run_id
+        resolved = OmegaConf.to_container(config, resolve=True)
+        params = {k: str(v)[:6000] for k, v in flatten(resolved).items()}
+        items = list(params.items())
+        for i in range(0, len(items), 100):
+            mlflow.log_params(dict(items[i:i + 100]))
+        mlflow.log_text(OmegaConf.to_yaml(resolved), "config.yaml")
+        log.info("MLflow run %s in experiment '%s' at %s", self.run_id, self.experiment_name, self.tracking_uri)
+        return self.run_id
+
+    @staticmethod
+    def _last_logged_steps(client: MlflowClient, run_id: str) -> dict[str, int]:
+        run = client.get_run(run_id)
+        return {k: max(m.step for m in client.get_metric_history(run_id, k)) for k in run.data.metrics}
+
+    # ----------------------------------------------------------------- log
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        fresh = {k: float(v) for k, v in metrics.items() if step > self._logged_up_to.get(k, -1)}
+        if fresh:
+            mlflow.log_metrics(fresh, step=step)
+
+    def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
+        mlflow.log_artifacts(str(local_dir), artifact_path)
+
+    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
+        mlflow.log_artifact(str(local_path), artifact_path)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+    def log_generator(self, generator, name: str = "generator") -> None:
+        """Log the self-contained generator (energies -> showers, MeV) as an MLflow PyTorch model."""
+        if not self.log_model_enabled:
+            return
+        import mlflow.pytorch
+        # pickle (not pt2/torch.export): the generator draws its own noise, optionally from a
+        # user's torch.Generator, which a traced graph cannot take. Explicit requirements skip
+        # MLflow's slow requirement inference.
+        info = mlflow.pytorch.log_model(generator.cpu(), name=name, serialization_format="pickle",
+                                        pip_requirements=["torch", "caloexp"])
+        mlflow.set_tag("caloexp.model_uri", info.model_uri)
+
+    # ---------------------------------------------------------------- close
+    def end(self, status: str = "FINISHED") -> None:
+        if mlflow.active_run() is not None:
+            mlflow.end_run(status=status)
+
+
+def default_tracking_uri(root_dir: str | Path) -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else a SQLite store in the project directory."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root_dir).resolve()}/mlflow.db"
