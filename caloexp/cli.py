@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
+from caloexp import config as _schemas  # noqa: F401 - typed schemas must be registered before composing
 from caloexp.errors import CaloexpError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -41,6 +42,10 @@ def report_errors() -> Iterator[None]:
 def one_line(message: str) -> str:
     """Condense a Hydra/OmegaConf composition error into one readable line."""
     text = message.split("Config search path")[0]
+    unknown = re.search(r"Could not override '([^']+)'.*?use \+(\S+)", text, re.S)
+    if unknown:
+        return (f"unknown config key '{unknown.group(1)}' (see `--cfg job` for the keys; "
+                f"to add a new key write +{unknown.group(2)})")
     text = re.sub(r"\s*full_key:.*|\s*object_type=.*", "", text)
     parts = [p.strip() for p in text.strip().splitlines() if p.strip()]
     if "Available options" in text:
@@ -58,7 +63,10 @@ def check_overrides(config_name: str, overrides: list[str]) -> str | None:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             compose(config_name=config_name, overrides=overrides)
     except Exception as exc:  # noqa: BLE001 - Hydra raises several unrelated types here
-        return one_line(str(exc))
+        message = one_line(str(exc))
+        if exc.__cause__ is not None and str(exc.__cause__).strip():
+            message += ": " + one_line(str(exc.__cause__))
+        return message
     return None
 
 

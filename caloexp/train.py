@@ -34,6 +34,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from caloexp import checkpoint
+from caloexp import config as _schemas  # noqa: F401 - registers typed config schemas
 from caloexp.cli import CONF_DIR, report_errors, run_hydra_app
 from caloexp.data.calochallenge import Showers
 from caloexp.errors import ConfigError, TrainingDiverged
