@@ -1,0 +1,36 @@
+"""Shared fixtures: reference files beside the checkout, small CaloChallenge files, a tmp project."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip(f"reference data not found at {SHARED} (it lies beside the checkout in CI)")
+    return SHARED
+
+
+def random_showers(n: int, n_voxels: int = 368, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Sparse positive showers (MeV) at dataset-1 energies: small, real-shaped test input."""
+    rng = np.random.default_rng(seed)
+    e = rng.choice(2.0 ** np.arange(8, 23), n)
+    s = rng.exponential(1.0, (n, n_voxels)) * (rng.random((n, n_voxels)) < 0.3) * e[:, None] / 100
+    return e.astype(np.float32), s.astype(np.float32)
+
+
+def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``python -m <module> args`` as a user would, in ``cwd``, with an isolated MLflow store."""
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    full_env.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{cwd}/mlflow.db")
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
