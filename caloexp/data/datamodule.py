@@ -71,16 +71,18 @@ class ShowerDataModule:
             return [ensure_embedded(self.data_dir, n_showers=self.n_showers, seed=self.embedded_seed)]
         if not self.files:
             raise ConfigError(f"data={self.name}: no files listed (data.files)")
+        from caloexp.data.download import KNOWN_FILES, ensure_file
+
         paths = []
         for name in self.files:
             p = Path(name).expanduser()
             if not p.is_absolute():
                 p = self.data_dir / name
-            if not p.exists():
-                if not self.download:
-                    raise InputError(f"{p}: file not found (data.download=false)")
-                from caloexp.data.download import ensure_file
-                p = ensure_file(p.name, p.parent)
+            if p.name in KNOWN_FILES and (self.download or p.exists()):
+                p = ensure_file(p.name, p.parent)  # downloads if missing; verifies size/sha256 once
+            elif not p.exists():
+                hint = "" if self.download else " (data.download=false)"
+                raise InputError(f"{p}: file not found{hint}")
             paths.append(p)
         return paths
 
