@@ -275,6 +275,9 @@ class StudyRunner:
 
     def _finalize(self, study: optuna.Study, finished: bool) -> None:
         best = self._best(study)
+        if best is None:
+            log.warning("Study '%s': no trial has completed yet; see each trial's fail_reason "
+                        "(optuna.load_study(...).trials or the trials.csv artifact)", self.study_name)
         path = None
         if best is not None and self.best_config_path is not None:
             try:

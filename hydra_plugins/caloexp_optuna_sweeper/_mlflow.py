@@ -66,8 +66,9 @@ class StudyTracker:
         return self.parent_run_id
 
     def trial_overrides(self, number: int) -> List[str]:
-        """Overrides that make the trial's training run a tagged child of the parent run."""
+        """Overrides that make the trial's training run a tagged, named child of the parent run."""
         return [f"++logger.parent_run_id={self.parent_run_id}",
+                f"++logger.run_name='{self.study_name}-trial{number}'",
                 f"++logger.tags.optuna_study='{self.study_name}'",
                 f"++logger.tags.optuna_trial='{number}'",
                 f"++logger.tags.sweep_id='{self.sweep_id}'"]
