@@ -52,7 +52,8 @@ def render_best_config(*, study_name: str, trial_number: int, value: float, metr
     if skipped:
         lines.append(f"# not representable here, add on the command line: {' '.join(skipped)}")
     text = "\n".join(lines) + "\n"
-    if defaults:
+    if defaults:  # Hydra wants `override` entries after the plain ones
+        defaults.sort(key=lambda d: isinstance(d, dict) and next(iter(d)).startswith("override "))
         text += OmegaConf.to_yaml(OmegaConf.create({"defaults": defaults}))
     if len(body):
         text += OmegaConf.to_yaml(body)

@@ -59,7 +59,7 @@ def study_lock(storage_url: str, study_name: str) -> Iterator[None]:
         return
     key = zlib.crc32(f"caloexp-optuna:{study_name}".encode())
     if backend in ("postgresql", "mysql", "mariadb"):
-        engine = create_engine(storage_url, poolclass=None)
+        engine = create_engine(storage_url)
         with engine.connect() as conn:
             if backend == "postgresql":
                 conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
@@ -109,6 +109,10 @@ class Heartbeat:
                 ids = list(self._ids)
             for tid in ids:
                 self.beat(tid)
+
+    def sleep(self, seconds: float) -> None:
+        """Wait ``seconds`` (returns early once stopped)."""
+        self._stop.wait(seconds)
 
     def stop(self) -> None:
         self._stop.set()

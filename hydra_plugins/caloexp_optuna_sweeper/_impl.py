@@ -6,10 +6,9 @@ import math
 import os
 import uuid
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import optuna
-from hydra.core.override_parser.types import Override
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -17,7 +16,7 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 
 from . import _coordination as co
 from ._best_config import primary_config_dir, render_best_config, write_best_config
-from ._search_space import ParamSpec, SweepConfigError, format_value, parse_search_space
+from ._search_space import SweepConfigError, format_value, parse_search_space
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +99,7 @@ class StudyRunner:
             str(primary_config_dir(cfg) / "experiment") if primary_config_dir(cfg) else None)
         self.best_config_path = Path(best_dir) / f"{self.study_name}_best.yaml" if best_dir else None
         self.tracker: Any = None
+        self.sampler_ready = False
 
     # -- storage ----------------------------------------------------------------------------
     def _open_study(self) -> Tuple[optuna.Study, Any]:
@@ -163,7 +163,7 @@ class StudyRunner:
                     finished = True
                     break
                 if not batch:  # budget taken by running trials of other workers: wait for them
-                    heartbeat._stop.wait(min(self.s.heartbeat_interval, 10))
+                    heartbeat.sleep(min(self.s.heartbeat_interval, 10))
                     continue
                 trials, overrides = zip(*batch)
                 ids = [self._tid(storage, t) for t in trials]
@@ -204,9 +204,9 @@ class StudyRunner:
             remaining = self.n_trials - used
             if remaining <= 0:
                 return [] if running else None
-            if getattr(self, "_sampler_set", False) is False:
+            if not self.sampler_ready:  # first reservation of this worker: seed from the study's size
                 study.sampler = self._make_sampler(len(trials))
-                self._sampler_set = True
+                self.sampler_ready = True
             batch = []
             for _ in range(min(self.n_jobs, remaining)):
                 trial = study.ask()

@@ -13,7 +13,7 @@ import os
 import time
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from caloexp.errors import TrainingDiverged
 
