@@ -170,8 +170,29 @@ def test_trial_of_a_killed_worker_is_abandoned_and_rerun(tmp_path):
     assert len(retry) == 1 and retry[0].params["x"] == killed_x
 
 
+def test_stale_trial_policy_by_pid_and_heartbeat():
+    from datetime import datetime
+
+    from hydra_plugins.caloexp_optuna_sweeper import _coordination as co
+
+    def running(worker: str, heartbeat=None) -> optuna.trial.FrozenTrial:
+        attrs = {"worker": worker} if heartbeat is None else {"worker": worker, "heartbeat": heartbeat}
+        return optuna.trial.FrozenTrial(number=0, state=TrialState.RUNNING, value=None, values=None,
+                                        datetime_start=datetime.now(), datetime_complete=None, params={},
+                                        distributions={}, user_attrs=attrs, system_attrs={},
+                                        intermediate_values={}, trial_id=0)
+
+    now = time.time()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    assert "no longer running" in co.abandon_reason(running(f"{co.HOST}:{dead.pid}", now), 600, now)
+    assert co.abandon_reason(running(f"{co.HOST}:{os.getppid()}", now - 10), 600, now) is None   # alive
+    assert co.abandon_reason(running("otherhost:1", now - 10), 600, now) is None                  # fresh beat
+    assert "no heartbeat" in co.abandon_reason(running("otherhost:1", now - 700), 600, now)        # stale beat
+
+
 def test_two_workers_on_one_sqlite_study_run_exactly_n_trials(tmp_path):
-    args = toy_cmd(tmp_path, "hydra.sweeper.n_trials=10", "sleep=0.4")
+    args = toy_cmd(tmp_path, "hydra.sweeper.n_trials=10", "sleep=0.6")
     procs = [subprocess.Popen(args + [f"hydra.sweep.dir={tmp_path / f'multirun{i}'}"], cwd=tmp_path,
                               env=toy_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]
