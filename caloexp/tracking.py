@@ -45,10 +45,18 @@ def git_commit(path: str | Path | None = None) -> str | None:
         return None
 
 
-def get_or_create_experiment(client: MlflowClient, name: str) -> str:
+def artifact_root_for(tracking_uri: str) -> str | None:
+    """Artifacts of a SQLite store go beside the database (not into whatever the cwd is)."""
+    if tracking_uri.startswith("sqlite:///"):
+        return (Path(tracking_uri[len("sqlite:///"):]).parent / "mlruns").resolve().as_uri()
+    return None  # a server (or other store) decides
+
+
+def get_or_create_experiment(client: MlflowClient, name: str, tracking_uri: str = "") -> str:
     exp = client.get_experiment_by_name(name)
     if exp is None:
-        return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: "custom_model_development"})
+        return client.create_experiment(name, artifact_location=artifact_root_for(tracking_uri),
+                                        tags={EXPERIMENT_KIND_TAG: "custom_model_development"})
     if exp.tags.get(EXPERIMENT_KIND_TAG) is None:
         client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development")
     return exp.experiment_id
@@ -81,7 +89,7 @@ class Tracker:
             mlflow.set_tag("caloexp.resumed", "true")
             log.info("resumed MLflow run %s", run_id)
             return run_id
-        exp_id = get_or_create_experiment(client, self.experiment_name)
+        exp_id = get_or_create_experiment(client, self.experiment_name, self.tracking_uri)
         tags = dict(self.tags, **{k: str(v) for k, v in (extra_tags or {}).items()})
         if self.parent_run_id:
             tags["mlflow.parentRunId"] = self.parent_run_id
