@@ -23,6 +23,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.ticker  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
@@ -37,9 +38,14 @@ from caloexp.metrics.shapes3d import geometry_shapes  # noqa: E402
 REF_STYLE = dict(color="0.25", linestyle="--", label="Geant4 (reference)")
 GEN_STYLE = dict(color="tab:red", linestyle="-", label="generated")
 STYLE = {"font.size": 9, "axes.titlesize": 9, "axes.labelsize": 9, "legend.fontsize": 8,
-         "xtick.direction": "in", "ytick.direction": "in", "xtick.top": True, "ytick.right": True,
-         "figure.dpi": 90, "savefig.dpi": 90}
+         "xtick.direction": "in", "ytick.direction": "in", "xtick.minor.visible": False,
+         "ytick.minor.visible": False, "figure.dpi": 80, "savefig.dpi": 80, "path.simplify": True}
 MAX_PANELS = 12
+
+
+def _log10(v: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore"):
+        return np.log10(v)
 
 
 def _layer_subset(n: int, k: int = MAX_PANELS) -> list[int]:
@@ -52,7 +58,7 @@ def _grid(n: int) -> tuple[int, int]:
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
-    fig.savefig(path, bbox_inches="tight")
+    fig.savefig(path)
     plt.close(fig)
     return path
 
@@ -69,12 +75,14 @@ def _hist_ratio_panel(fig: plt.Figure, spec, ref: np.ndarray, gen: np.ndarray, b
     ax.stairs(h_ref, bins, **REF_STYLE)
     ax.stairs(h_gen, bins, **GEN_STYLE)
     err = np.where(n_gen > 0, h_gen / np.sqrt(np.maximum(n_gen, 1)), 0.0)
-    ax.stairs(h_gen + err, bins, baseline=h_gen - err, fill=True, color="tab:red", alpha=0.2)
+    ax.fill_between(bins, np.append(h_gen - err, 0), np.append(h_gen + err, 0), step="post",
+                    color="tab:red", alpha=0.2, linewidth=0)
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(h_ref > 0, h_gen / h_ref, np.nan)
     rax.stairs(ratio, bins, color="tab:red")
     rax.axhline(1.0, color="0.25", linestyle="--", linewidth=0.8)
     rax.set_ylim(0.5, 1.5)
+    rax.set_yticks([0.75, 1.0, 1.25])
     rax.set_ylabel("gen/ref")
     rax.set_xlabel(xlabel)
     ax.set_title(title)
@@ -85,18 +93,23 @@ def _hist_ratio_panel(fig: plt.Figure, spec, ref: np.ndarray, gen: np.ndarray, b
         rax.set_xscale("log")
     if logy:
         ax.set_yscale("log")
+    else:
+        top = float(max(h_ref.max(initial=0), (h_gen + err).max(initial=0)))
+        ax.set_ylim(0, top * 1.3 if top > 0 else 1)
+        ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(4, prune="lower"))
     ax.set_xlim(bins[0], bins[-1])
     rax.set_xlim(bins[0], bins[-1])
     ax.tick_params(labelbottom=False)
     if legend:
-        ax.legend(loc="upper left", frameon=False)
+        fig.legend(handles=ax.get_legend_handles_labels()[0][:2], loc="upper center", ncol=2, frameon=False)
 
 
 def _feature_figure(path: Path, names: list[str], labels: list[str], ref_cols, gen_cols, bins, xlabel: str,
                     logx: bool = False, logy: bool = False, transform=None) -> Path:
     rows, cols = _grid(len(names))
-    fig = plt.figure(figsize=(3.2 * cols, 2.9 * rows))
-    gs = fig.add_gridspec(rows, cols, hspace=0.45, wspace=0.35)
+    fig = plt.figure(figsize=(3.3 * cols, 0.5 + 2.9 * rows))
+    gs = fig.add_gridspec(rows, cols, hspace=0.5, wspace=0.4, top=1 - 0.55 / (0.5 + 2.9 * rows),
+                          bottom=0.45 / (0.5 + 2.9 * rows), left=0.8 / (3.3 * cols) + 0.02, right=0.98)
     for k, (name, label) in enumerate(zip(names, labels)):
         r, g = ref_cols[name], gen_cols[name]
         if transform is not None:
@@ -113,7 +126,9 @@ def plot_layers_average(ref_x: np.ndarray, gen_x: np.ndarray, geometry: Geometry
     positive = a_ref[a_ref > 0]
     vmax = float(a_ref.max()) if positive.size else 1.0
     vmin = max(float(positive.min()) if positive.size else 1e-3, vmax * 1e-6)
-    fig, axes = plt.subplots(len(layers), 3, figsize=(9.5, 1.25 + 1.05 * len(layers)), squeeze=False)
+    height = 1.6 + 1.45 * len(layers)
+    fig, axes = plt.subplots(len(layers), 3, figsize=(10, height), squeeze=False)
+    fig.subplots_adjust(left=0.07, right=0.97, bottom=1.25 / height, top=1 - 0.35 / height, hspace=0.75, wspace=0.25)
     for row, i in enumerate(layers):
         layer = geometry.layers[i]
         sl = geometry.layer_slice(i)
@@ -122,19 +137,25 @@ def plot_layers_average(ref_x: np.ndarray, gen_x: np.ndarray, geometry: Geometry
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = np.where(r_img > 0, g_img / r_img, np.nan)
         for col, (img, title) in enumerate(((r_img, "Geant4"), (g_img, "generated"))):
-            ax = axes[row, col]
-            im = ax.imshow(np.clip(img, vmin, None), origin="lower", aspect="auto", cmap="viridis",
-                           norm=LogNorm(vmin=vmin, vmax=vmax), interpolation="nearest")
-            ax.set_title(f"layer {layer.id}: {title}")
+            im = axes[row, col].imshow(np.clip(img, vmin, None), origin="lower", aspect="auto", cmap="viridis",
+                                       norm=LogNorm(vmin=vmin, vmax=vmax), interpolation="nearest")
+            axes[row, col].set_title(f"layer {layer.id}: {title}")
         rim = axes[row, 2].imshow(ratio, origin="lower", aspect="auto", cmap="RdBu_r",
                                   norm=LogNorm(vmin=0.5, vmax=2.0), interpolation="nearest")
         axes[row, 2].set_title(f"layer {layer.id}: generated / Geant4")
-        for ax in axes[row]:
-            ax.set_ylabel(r"$\alpha$ bin" if layer.n_alpha > 1 else "")
-            ax.set_yticks([] if layer.n_alpha == 1 else ax.get_yticks())
-            ax.set_xlabel("r bin (inner to outer)" if row == len(layers) - 1 else "")
-    fig.colorbar(im, ax=axes[:, :2].ravel().tolist(), label="mean energy per voxel [MeV]", shrink=0.8)
-    fig.colorbar(rim, ax=axes[:, 2].ravel().tolist(), label="ratio", shrink=0.8)
+        for col, ax in enumerate(axes[row]):
+            ax.set_yticks([0, layer.n_alpha - 1] if layer.n_alpha > 1 else [])
+            ax.set_xticks(sorted({0, layer.n_r // 2, layer.n_r - 1}))
+            if col == 0:
+                ax.set_ylabel(r"$\alpha$ bin" if layer.n_alpha > 1 else "")
+            if row == len(layers) - 1:
+                ax.set_xlabel("r bin (inner to outer)")
+    cax = fig.add_axes([0.07, 0.35 / height, 0.58, 0.12 / height])
+    fig.colorbar(im, cax=cax, orientation="horizontal", label="mean energy per voxel [MeV]")
+    rcax = fig.add_axes([0.71, 0.35 / height, 0.26, 0.12 / height])
+    cb = fig.colorbar(rim, cax=rcax, orientation="horizontal", label="generated / Geant4")
+    cb.minorticks_off()
+    cb.set_ticks([0.5, 0.8, 1.0, 1.25, 2.0], labels=["0.5", "0.8", "1", "1.25", "2"])
     return _save(fig, path)
 
 
@@ -245,11 +266,15 @@ def plot_shower_3d(ref: Showers, gen: Showers, geometry: Geometry, path: Path, n
 
 
 def plot_all(reference: Showers, generated: Showers, geometry: Geometry, outdir: str | Path,
-             max_3d: int = 2, threshold: float | None = None, max_showers: int | None = 200_000) -> list[Path]:
-    """Write every validation plot for a reference and a generated sample; return the PNG paths.
+             max_3d: int = 2, full: bool = False, threshold: float | None = None,
+             max_showers: int | None = 200_000) -> list[Path]:
+    """Write the validation plots for a reference and a generated sample; return the PNG paths.
 
-    Both samples get the metrics' voxel threshold first. At most ``max_showers`` per sample
-    are plotted (a deterministic subset) to bound time and memory.
+    ``full=False`` (the default, used at every evaluation during training) writes the compact
+    set: layers_average, hist_E_ratio, hist_E_layer, hist_voxel_energy, response_vs_energy,
+    shower_shapes, shower_3d. ``full=True`` (the standalone evaluator) adds the per-energy
+    response histograms and every per-layer shape feature. Both samples get the metrics'
+    voxel threshold first; at most ``max_showers`` per sample are plotted (the first ones).
     """
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
@@ -274,7 +299,7 @@ def plot_all(reference: Showers, generated: Showers, geometry: Geometry, outdir:
         paths.append(plot_layers_average(ref_x, gen_x, geometry, out / "layers_average.png"))
         paths.append(_feature_figure(out / "hist_E_ratio.png", ["E_ratio"], ["Total energy response"], rc, gc, bins,
                                      r"$E_{tot}/E_{inc}$"))
-        per_e = sep.energy_ratio_bins(geometry)
+        per_e = sep.energy_ratio_bins(geometry) if full else []
         if per_e:
             present = [(e, b) for e, b in per_e if ((rf.E_inc >= e) & (rf.E_inc < 2 * e)).any()
                        and ((gf.E_inc >= e) & (gf.E_inc < 2 * e)).any()]
@@ -291,30 +316,31 @@ def plot_all(reference: Showers, generated: Showers, geometry: Geometry, outdir:
         sub = _layer_subset(len(ids))
         lsub = [ids[i] for i in sub]
         asub = [a_ids[i] for i in _layer_subset(len(a_ids))]
+        log_bins = {k: np.log10(bins[k]) for k in (f"E_layer_{l}" for l in lsub)}
         paths.append(_feature_figure(out / "hist_E_layer.png", [f"E_layer_{l}" for l in lsub],
-                                     [f"Energy in layer {l}" for l in lsub], rc, gc, bins, "E [MeV]",
-                                     logx=True, logy=True))
-        if asub:
-            for fam, label, xl in (("ECeta", r"Centre of energy in $\Delta\eta$", "[mm]"),
-                                   ("ECphi", r"Centre of energy in $\Delta\phi$", "[mm]"),
-                                   ("width_eta", r"Width in $\Delta\eta$", "[mm]"),
-                                   ("width_phi", r"Width in $\Delta\phi$", "[mm]")):
-                fname = {"ECeta": "hist_EC_eta.png", "ECphi": "hist_EC_phi.png"}.get(fam, f"hist_{fam}.png")
-                paths.append(_feature_figure(out / fname, [f"{fam}_layer_{l}" for l in asub],
-                                             [f"{label}, layer {l}" for l in asub], rc, gc, bins, xl, logy=True))
-        for fam, label, xl, fname in (("ECr", "Centre of energy in r", "[mm]", "hist_EC_r.png"),
-                                      ("width_r", "Width in r", "[mm]", "hist_width_r.png")):
-            paths.append(_feature_figure(out / fname, [f"{fam}_layer_{l}" for l in lsub],
-                                         [f"{label}, layer {l}" for l in lsub], rc, gc, bins, xl, logy=True))
-        paths.append(_feature_figure(out / "hist_sparsity.png", [f"sparsity_layer_{l}" for l in lsub],
-                                     [f"Hit fraction, layer {l}" for l in lsub], rc, gc, bins,
-                                     "fraction of voxels hit", transform=lambda v: 1.0 - v))
+                                     [f"Energy in layer {l}" for l in lsub], rc, gc, log_bins,
+                                     r"$\log_{10}(E\,/\,\mathrm{MeV})$", transform=_log10))
+        if full:
+            shape_figs = [("ECeta", r"Centre of energy in $\Delta\eta$", "hist_EC_eta.png", asub),
+                          ("ECphi", r"Centre of energy in $\Delta\phi$", "hist_EC_phi.png", asub),
+                          ("width_eta", r"Width in $\Delta\eta$", "hist_width_eta.png", asub),
+                          ("width_phi", r"Width in $\Delta\phi$", "hist_width_phi.png", asub),
+                          ("ECr", "Centre of energy in r", "hist_EC_r.png", lsub),
+                          ("width_r", "Width in r", "hist_width_r.png", lsub)]
+            for fam, label, fname, layer_ids in shape_figs:
+                if layer_ids:
+                    paths.append(_feature_figure(out / fname, [f"{fam}_layer_{l}" for l in layer_ids],
+                                                 [f"{label}, layer {l}" for l in layer_ids], rc, gc, bins,
+                                                 "[mm]", logy=True))
+            paths.append(_feature_figure(out / "hist_sparsity.png", [f"sparsity_layer_{l}" for l in lsub],
+                                         [f"Hit fraction, layer {l}" for l in lsub], rc, gc, bins,
+                                         "fraction of voxels hit", transform=lambda v: 1.0 - v))
         vb = sep.voxel_bins(geometry, float(np.max(ref_x, initial=0.0)))
         sub_r = ref_x[: min(len(ref_x), 20_000)].ravel()
         sub_g = gen_x[: min(len(gen_x), 20_000)].ravel()
         paths.append(_feature_figure(out / "hist_voxel_energy.png", ["voxel"], ["Voxel energy spectrum"],
-                                     {"voxel": sub_r}, {"voxel": sub_g}, {"voxel": vb}, "voxel energy [MeV]",
-                                     logx=True, logy=True))
+                                     {"voxel": sub_r}, {"voxel": sub_g}, {"voxel": np.log10(vb)},
+                                     r"$\log_{10}$(voxel energy / MeV)", logy=True, transform=_log10))
         paths.append(plot_response(rf, gf, geometry, out / "response_vs_energy.png"))
         paths.append(plot_shower_shapes(ref_x, gen_x, geometry, out / "shower_shapes.png"))
         if max_3d > 0:

@@ -35,9 +35,9 @@ from caloexp.metrics.features import Features, classifier_features
 
 PROTOCOL: dict[str, Any] = {"inputs": ["low", "low_normed", "high"], "n_layer": 2, "n_hidden": 2048,
                             "epochs": 50, "lr": 2e-4, "batch_size": 1000, "dropout": 0.0,
-                            "max_showers": None}
+                            "max_showers": None, "device": "auto"}
 FAST: dict[str, Any] = {"inputs": ["low", "high"], "n_layer": 2, "n_hidden": 256, "epochs": 10, "lr": 1e-3,
-                        "batch_size": 1000, "dropout": 0.0, "max_showers": 50_000}
+                        "batch_size": 1000, "dropout": 0.0, "max_showers": 50_000, "device": "auto"}
 PRESETS = {"protocol": PROTOCOL, "fast": FAST}
 INPUTS = ("low", "low_normed", "high")
 
@@ -81,10 +81,18 @@ def _split(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np
     return idx[:a], idx[a:b], idx[b:]
 
 
+def _device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(spec)
+
+
 @torch.no_grad()
 def _predict(model: torch.nn.Module, x: torch.Tensor, batch: int = 10_000) -> np.ndarray:
     model.eval()
-    return torch.cat([torch.sigmoid(model(x[i:i + batch])).reshape(-1) for i in range(0, len(x), batch)]).numpy()
+    dev = next(model.parameters()).device
+    return torch.cat([torch.sigmoid(model(x[i:i + batch].to(dev))).reshape(-1).double().cpu()
+                      for i in range(0, len(x), batch)]).numpy()
 
 
 def train_and_score(x_gen: np.ndarray, x_ref: np.ndarray, settings: Mapping[str, Any] | None = None,
@@ -112,20 +120,22 @@ def train_and_score(x_gen: np.ndarray, x_ref: np.ndarray, settings: Mapping[str,
 
     threads = s.get("threads")
     old_threads = torch.get_num_threads()
-    with torch.random.fork_rng(devices=[]):
+    dev = _device(str(s.get("device", "auto")))
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if dev.type == "cuda" else []):
         torch.manual_seed(seed)
         if threads:
             torch.set_num_threads(int(threads))
         try:
-            model = _mlp(data["train"][0].shape[1], int(s["n_layer"]), int(s["n_hidden"]), float(s["dropout"]))
+            model = _mlp(data["train"][0].shape[1], int(s["n_layer"]), int(s["n_hidden"]),
+                         float(s["dropout"])).to(dev)
             opt = torch.optim.Adam(model.parameters(), lr=float(s["lr"]))
             loss_fn = torch.nn.BCEWithLogitsLoss()
             gen = torch.Generator().manual_seed(seed)
-            xt, yt = data["train"]
+            xt, yt = data["train"][0].to(dev), data["train"][1].to(dev)
             best_acc, best_state = -1.0, None
             for _ in range(int(s["epochs"])):
                 model.train()
-                perm = torch.randperm(len(yt), generator=gen)
+                perm = torch.randperm(len(yt), generator=gen).to(dev)
                 for i in range(0, len(yt), int(s["batch_size"])):
                     j = perm[i:i + int(s["batch_size"])]
                     loss = loss_fn(model(xt[j]).reshape(-1), yt[j])

@@ -63,10 +63,37 @@ def energy_bins(geometry: Geometry, energies: np.ndarray) -> list[tuple[str, np.
 
 def average_fraction_image(energies: np.ndarray, showers: np.ndarray) -> np.ndarray:
     """Mean over showers of voxel / E_inc (a dimensionless average shower)."""
-    e = np.asarray(energies, np.float64).reshape(-1, 1)
-    if len(e) == 0:
-        return np.zeros(np.asarray(showers).shape[1])
-    return (np.asarray(showers, np.float64) / e).mean(axis=0)
+    acc = AverageImages(None)
+    acc.add(energies, showers)
+    return acc.mean()
+
+
+class AverageImages:
+    """Streaming sums of voxel / E_inc, overall and per incident-energy bin of a geometry."""
+
+    def __init__(self, geometry: Geometry | None):
+        self.geometry = geometry
+        self.total: np.ndarray | None = None
+        self.count = 0
+        self.bins: dict[str, tuple[np.ndarray, int]] = {}
+
+    def add(self, energies: np.ndarray, showers: np.ndarray) -> None:
+        e = np.asarray(energies, np.float64).reshape(-1)
+        frac = np.asarray(showers, np.float64) / e[:, None]
+        s = frac.sum(axis=0)
+        self.total = s if self.total is None else self.total + s
+        self.count += len(e)
+        if self.geometry is not None:
+            for label, m in energy_bins(self.geometry, e):
+                if m.any():
+                    old, n = self.bins.get(label, (0.0, 0))
+                    self.bins[label] = (old + frac[m].sum(axis=0), n + int(m.sum()))
+
+    def mean(self, label: str | None = None) -> np.ndarray:
+        if label is None:
+            return self.total / self.count if self.count else np.zeros(0 if self.total is None else len(self.total))
+        s, n = self.bins[label]
+        return s / n
 
 
 def _ssim_layers(ref: np.ndarray, gen: np.ndarray, geometry: Geometry) -> float:
@@ -81,12 +108,36 @@ def _ssim_layers(ref: np.ndarray, gen: np.ndarray, geometry: Geometry) -> float:
         a = ref[geometry.layer_slice(i)].reshape(layer.n_alpha, layer.n_r)
         b = gen[geometry.layer_slice(i)].reshape(layer.n_alpha, layer.n_r)
         rng = float(a.max() - a.min())
-        if rng <= 0:  # empty reference layer: SSIM is 1 if the generated layer is empty too
-            vals.append(1.0 if not np.any(b) else 0.0)
+        if rng <= 0:  # flat (e.g. empty) reference layer: SSIM is 1 only for the same flat image
+            vals.append(1.0 if np.array_equal(a, b) else 0.0)
             continue
         win = min(7, small if small % 2 else small - 1)
         vals.append(float(structural_similarity(a, b, data_range=rng, win_size=win)))
     return float(np.mean(vals)) if vals else float("nan")
+
+
+def _compare_images(a: np.ndarray, b: np.ndarray, geometry: Geometry) -> tuple[float, float, float]:
+    d2 = (b - a) ** 2
+    norm = float(np.sum(a**2))
+    rel = float(d2.sum() / norm) if norm > 0 else float(np.any(b))
+    return float(d2.mean()), rel, _ssim_layers(a, b, geometry)
+
+
+def compare_average_images(ref: AverageImages, gen: AverageImages, geometry: Geometry) -> dict[str, float]:
+    """The ``images/*`` metrics from two :class:`AverageImages` accumulators (see :func:`image_metrics`)."""
+    stats: dict[str, float] = {}
+    stats["images/mse"], stats["images/rel_mse"], ssim = _compare_images(ref.mean(), gen.mean(), geometry)
+    if np.isfinite(ssim):
+        stats["images/ssim"] = ssim
+    per = [_compare_images(ref.mean(label), gen.mean(label), geometry)
+           for label in ref.bins if label in gen.bins]
+    if per:
+        arr = np.array(per)
+        stats["images/mse_per_energy"] = float(arr[:, 0].mean())
+        stats["images/rel_mse_per_energy"] = float(arr[:, 1].mean())
+        if np.isfinite(arr[:, 2]).any():
+            stats["images/ssim_per_energy"] = float(np.nanmean(arr[:, 2]))
+    return stats
 
 
 def image_metrics(ref_e: np.ndarray, ref_x: np.ndarray, gen_e: np.ndarray, gen_x: np.ndarray,
@@ -96,35 +147,13 @@ def image_metrics(ref_e: np.ndarray, ref_x: np.ndarray, gen_e: np.ndarray, gen_x
     ``images/mse`` = mean over voxels of (A_gen - A_ref)^2 with A the average voxel / E_inc;
     ``images/rel_mse`` = sum (A_gen - A_ref)^2 / sum A_ref^2; ``images/ssim`` = mean over layers
     with an (alpha, r) image of at least 3 x 3 of skimage's SSIM, data range = the reference
-    layer's range. The ``*_per_energy`` values average the same quantities over the incident
-    energy bins present in both samples.
+    layer's range (left out when no layer qualifies). The ``*_per_energy`` values average the
+    same quantities over the incident-energy bins present in both samples.
     """
-    ref_x, gen_x = np.asarray(ref_x), np.asarray(gen_x)
-    stats = {}
-
-    def compare(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
-        d2 = (b - a) ** 2
-        norm = float(np.sum(a**2))
-        return float(d2.mean()), float(d2.sum() / norm) if norm > 0 else float(np.any(b)), _ssim_layers(a, b, geometry)
-
-    a_ref = average_fraction_image(ref_e, ref_x)
-    a_gen = average_fraction_image(gen_e, gen_x)
-    stats["images/mse"], stats["images/rel_mse"], ssim = compare(a_ref, a_gen)
-    if np.isfinite(ssim):
-        stats["images/ssim"] = ssim
-    per = []
-    ref_bins, gen_bins = energy_bins(geometry, ref_e), energy_bins(geometry, gen_e)
-    for (label, mr), (_, mg) in zip(ref_bins, gen_bins):
-        if mr.any() and mg.any():
-            per.append(compare(average_fraction_image(ref_e[mr], ref_x[mr]),
-                               average_fraction_image(gen_e[mg], gen_x[mg])))
-    if per:
-        arr = np.array(per)
-        stats["images/mse_per_energy"] = float(arr[:, 0].mean())
-        stats["images/rel_mse_per_energy"] = float(arr[:, 1].mean())
-        if np.isfinite(arr[:, 2]).any():
-            stats["images/ssim_per_energy"] = float(np.nanmean(arr[:, 2]))
-    return stats
+    a, b = AverageImages(geometry), AverageImages(geometry)
+    a.add(ref_e, ref_x)
+    b.add(gen_e, gen_x)
+    return compare_average_images(a, b, geometry)
 
 
 # -------------------------------------------------------------------- FPD/KPD
@@ -180,16 +209,32 @@ def fpd(reference: np.ndarray, generated: np.ndarray, min_samples: int = 20_000,
     return float(params[0]), err
 
 
-def _poly_kernel(a: np.ndarray, b: np.ndarray, degree: int = 4) -> np.ndarray:
-    return (a @ b.T / a.shape[1] + 1.0) ** degree
+def _poly_kernel_sum(a: np.ndarray, b: np.ndarray, degree: int = 4, block: int = 2048) -> tuple[float, float]:
+    """(sum of all entries, trace) of the kernel matrix (a.b/d + 1)^degree, built in row blocks."""
+    total, trace = 0.0, 0.0
+    scale = 1.0 / a.shape[1]
+    for i in range(0, len(a), block):
+        k = a[i:i + block] @ b.T
+        k *= scale
+        k += 1.0
+        if degree == 4:  # two in-place squarings: much faster than a float power
+            np.multiply(k, k, out=k)
+            np.multiply(k, k, out=k)
+        else:
+            np.power(k, degree, out=k)
+        total += float(k.sum())
+        if a is b:
+            trace += float(np.trace(k[:, i:i + block]))
+    return total, trace
 
 
 def mmd_poly_unbiased(x: np.ndarray, y: np.ndarray, degree: int = 4) -> float:
     """Unbiased quadratic MMD^2 estimate with the kernel (x.y/d + 1)^degree."""
     m, n = len(x), len(y)
-    kxx, kyy, kxy = _poly_kernel(x, x, degree), _poly_kernel(y, y, degree), _poly_kernel(x, y, degree)
-    return float((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
-                 - 2.0 * kxy.mean())
+    sxx, txx = _poly_kernel_sum(x, x, degree)
+    syy, tyy = _poly_kernel_sum(y, y, degree)
+    sxy, _ = _poly_kernel_sum(x, y, degree)
+    return float((sxx - txx) / (m * (m - 1)) + (syy - tyy) / (n * (n - 1)) - 2.0 * sxy / (m * n))
 
 
 def kpd(reference: np.ndarray, generated: np.ndarray, num_batches: int = 10, batch_size: int = 5_000,

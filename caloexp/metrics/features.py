@@ -129,7 +129,7 @@ class Features:
 
 
 def compute(energies: np.ndarray, showers: np.ndarray, geometry: Geometry,
-            threshold: float | None = None, chunk_size: int = 20_000) -> Features:
+            threshold: float | None = None, chunk_size: int | None = None) -> Features:
     """High-level features of showers (MeV) at incident energies (MeV), after the threshold.
 
     ``threshold=None`` uses :func:`default_threshold`; pass 0 for no threshold (e.g. when the
@@ -141,6 +141,8 @@ def compute(energies: np.ndarray, showers: np.ndarray, geometry: Geometry,
         raise ValueError(f"showers of shape {showers.shape} do not match geometry {geometry.name} "
                          f"({geometry.n_voxels} voxels)")
     thr = default_threshold(geometry) if threshold is None else float(threshold)
+    # ~256 MB of float64 per chunk: 20k dataset-1 showers, ~800 dataset-3 showers
+    chunk_size = chunk_size or int(np.clip(2**25 // geometry.n_voxels, 256, 20_000))
     parts = [_compute_chunk(energies[i:i + chunk_size], showers[i:i + chunk_size], geometry, thr)
              for i in range(0, max(len(showers), 1), chunk_size)] if len(showers) else []
     if not parts:

@@ -140,7 +140,14 @@ def shape_metrics(ref_e: np.ndarray, ref_x: np.ndarray, gen_e: np.ndarray, gen_x
     ``resolution_rel_diff``: relative difference of mean(E_tot/E_inc) / std/mean, averaged
     over incident-energy bins present in both samples.
     """
-    rs, gs = geometry_shapes(ref_x, geometry), geometry_shapes(gen_x, geometry)
+    return compare_shapes(geometry_shapes(ref_x, geometry), geometry_shapes(gen_x, geometry), ref_e, gen_e,
+                          geometry)
+
+
+def compare_shapes(rs: dict[str, np.ndarray], gs: dict[str, np.ndarray], ref_e: np.ndarray, gen_e: np.ndarray,
+                   geometry: Geometry) -> dict[str, float]:
+    """:func:`shape_metrics` from per-shower shapes (:func:`geometry_shapes`, concatenated over chunks)."""
+    ref_e, gen_e = np.asarray(ref_e, np.float64).ravel(), np.asarray(gen_e, np.float64).ravel()
     pr, pg = rs["long_profile"].mean(axis=0), gs["long_profile"].mean(axis=0)
     pr = pr / pr.sum() if pr.sum() > 0 else pr
     pg = pg / pg.sum() if pg.sum() > 0 else pg
