@@ -153,7 +153,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         settings = cls.resolve_settings(cls_settings)
         low = [k for k in settings["inputs"] if k != "high"]
         n_low = min(ref.n, gen.n, int(settings["max_showers"] or max(ref.n, gen.n)),
-                    chunk_rows(geometry, 2 << 30))  # low-level inputs: <= 2 GiB of voxels per sample
+                    chunk_rows(geometry, 1 << 30))  # low-level inputs: <= 1 GiB of voxels per sample
         r_low = read_head(ref_path, geometry, n_low, thr) if low else None
         g_low = read_head(gen_path, geometry, n_low, thr) if low else None
         result.update(cls.classifier_metrics(r_low, g_low, geometry, rf, gf, settings=settings, seed=seed))

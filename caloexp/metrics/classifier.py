@@ -57,14 +57,21 @@ def resolve_settings(settings: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 def low_level(showers: Showers, geometry: Geometry, normed: bool = False) -> np.ndarray:
-    """Official low-level classifier inputs (float32)."""
+    """Official low-level classifier inputs, float32 (built without float64 copies of the voxels)."""
     e = np.asarray(showers.energies, np.float64).reshape(-1, 1)
-    x = np.asarray(showers.showers, np.float64)
+    x = np.asarray(showers.showers)
+    out = np.empty((len(x), 1 + x.shape[1] + (geometry.n_layers if normed else 0)), np.float32)
+    out[:, 0] = np.log10(e[:, 0])
     if not normed:
-        return np.concatenate([np.log10(e), x / e], axis=1).astype(np.float32)
-    e_layer = geometry.layer_energies(x)
-    rep = np.repeat(e_layer, geometry.voxels_per_layer, axis=1)
-    return np.concatenate([np.log10(e), x / (rep + 1e-16), np.log10(e_layer + 1e-8)], axis=1).astype(np.float32)
+        np.divide(x, e.astype(np.float32), out=out[:, 1:], dtype=np.float32)
+        return out
+    e_layer = geometry.layer_energies(x.astype(np.float64))
+    for i in range(geometry.n_layers):
+        sl = geometry.layer_slice(i)
+        np.divide(x[:, sl], (e_layer[:, i:i + 1] + 1e-16).astype(np.float32), out=out[:, 1 + sl.start:1 + sl.stop],
+                  dtype=np.float32)
+    out[:, 1 + x.shape[1]:] = np.log10(e_layer + 1e-8)
+    return out
 
 
 def _mlp(d: int, n_layer: int, n_hidden: int, dropout: float) -> torch.nn.Sequential:
@@ -106,17 +113,19 @@ def train_and_score(x_gen: np.ndarray, x_ref: np.ndarray, settings: Mapping[str,
         raise ConfigError(f"classifier needs at least 10 showers per sample, got {n}")
     rng = np.random.default_rng(seed)
     g_idx, r_idx = rng.permutation(len(x_gen))[:n], rng.permutation(len(x_ref))[:n]
-    parts = {"train": [], "test": [], "val": []}
-    for x, label, idx in ((x_gen, 0.0, g_idx), (x_ref, 1.0, r_idx)):
-        for name, sub in zip(parts, _split(n, rng)):
-            parts[name].append((np.asarray(x[idx[sub]], np.float32), np.full(len(sub), label, np.float32)))
+    g_split, r_split = _split(n, rng), _split(n, rng)
     data = {}
-    for name, pieces in parts.items():
-        xs = np.concatenate([p[0] for p in pieces])
-        ys = np.concatenate([p[1] for p in pieces])
-        order = rng.permutation(len(ys))
-        xs = np.nan_to_num(xs[order], nan=0.0, posinf=1e6, neginf=-1e6)
-        data[name] = (torch.from_numpy(xs), torch.from_numpy(ys[order]))
+    for name, gs, rs in zip(("train", "test", "val"), g_split, r_split):
+        # one float32 matrix per split, filled in shuffled order (no intermediate copies of the inputs)
+        k, m = len(gs), len(gs) + len(rs)
+        order = rng.permutation(m)
+        xs = np.empty((m, x_gen.shape[1]), np.float32)
+        ys = np.empty(m, np.float32)
+        xs[order[:k]] = x_gen[np.sort(g_idx[gs])]
+        xs[order[k:]] = x_ref[np.sort(r_idx[rs])]
+        ys[order[:k]], ys[order[k:]] = 0.0, 1.0
+        np.nan_to_num(xs, copy=False, nan=0.0, posinf=1e6, neginf=-1e6)
+        data[name] = (torch.from_numpy(xs), torch.from_numpy(ys))
 
     threads = s.get("threads")
     old_threads = torch.get_num_threads()
