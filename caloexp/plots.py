@@ -197,17 +197,28 @@ def plot_shower_shapes(ref_x: np.ndarray, gen_x: np.ndarray, geometry: Geometry,
     axes[0, 0].set_ylabel("mean energy fraction")
     axes[0, 0].set_title("Longitudinal profile")
     axes[0, 0].legend(frameon=False)
-    r_max = float(np.max(geometry.voxel_r)) * 1.05
-    edges = np.unique(np.concatenate([np.asarray(l.r_edges) for l in geometry.layers]))
-    edges = edges if len(edges) < 60 else np.linspace(0, r_max, 41)
-    for x, style in ((ref_x, REF_STYLE), (gen_x, GEN_STYLE)):
-        prof = np.histogram(geometry.voxel_r, bins=edges, weights=x.mean(axis=0))[0] / np.diff(edges)
-        axes[0, 1].stairs(np.clip(prof, 1e-12, None), edges, color=style["color"], linestyle=style["linestyle"])
-    axes[0, 1].set_xscale("symlog", linthresh=10)
+    # transverse profile: mean energy density (MeV / mm^2) of each radial ring, per layer (summed over
+    # layers for the regular datasets 2/3 geometry), at the ring's radial centre
+    a_ref, a_gen = ref_x.mean(axis=0), gen_x.mean(axis=0)
+    groups = [list(range(geometry.n_layers))] if geometry.is_regular else [[i] for i in _layer_subset(geometry.n_layers)]
+    colours = plt.cm.viridis(np.linspace(0, 0.9, len(groups)))
+    for colour, group in zip(colours, groups):
+        first = geometry.layers[group[0]]
+        edges = np.asarray(first.r_edges)
+        area = np.pi * (edges[1:] ** 2 - edges[:-1] ** 2)
+        centres = 0.5 * (edges[1:] + edges[:-1])
+        for avg, style in ((a_ref, REF_STYLE), (a_gen, GEN_STYLE)):
+            ring = sum(avg[geometry.layer_slice(i)].reshape(geometry.layers[i].n_alpha, -1).sum(axis=0) for i in group)
+            dens = ring / area
+            label = (f"layer {first.id}" if len(group) == 1 else "all layers") if style is GEN_STYLE else None
+            axes[0, 1].plot(centres, np.where(dens > 0, dens, np.nan), color=colour if len(groups) > 1 else style["color"],
+                            linestyle=style["linestyle"], marker="o", markersize=2, label=label)
+    axes[0, 1].set_xscale("log")
     axes[0, 1].set_yscale("log")
     axes[0, 1].set_xlabel("r [mm]")
-    axes[0, 1].set_ylabel("mean energy / mm [MeV/mm]")
-    axes[0, 1].set_title("Radial (transverse) profile")
+    axes[0, 1].set_ylabel(r"mean energy density [MeV/mm$^2$]")
+    axes[0, 1].set_title("Transverse profile (dashed: Geant4, solid: generated)")
+    axes[0, 1].legend(frameon=False, fontsize=7)
     for key, ax, xl in (("depth_mean", axes[1, 0], "energy-weighted mean layer index"),
                         ("hits", axes[1, 1], "hit multiplicity (voxels above threshold)")):
         lo = min(rs[key].min(), gs[key].min())
@@ -256,7 +267,7 @@ def plot_shower_3d(ref: Showers, gen: Showers, geometry: Geometry, path: Path, n
         ax.set_zlim(-0.5, geometry.n_layers - 0.5)
         ax.set_xlabel(r"$\Delta\eta$ axis x [mm]", labelpad=-2)
         ax.set_ylabel(r"$\Delta\phi$ axis y [mm]", labelpad=-2)
-        ax.set_zlabel("layer", labelpad=-2)
+        ax.set_zlabel("layer index", labelpad=-2)
         ax.tick_params(labelsize=6)
         unit = f"{e_inc / 1e3:.1f} GeV" if e_inc < 1e6 else f"{e_inc / 1e6:.2f} TeV"
         ax.set_title(f"{name}, $E_{{inc}}$ = {unit}\n$E_{{dep}}$ = {shower.sum() / 1e3:.2f} GeV, {int(hit.sum())} hits")
