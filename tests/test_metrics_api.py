@@ -8,7 +8,7 @@ import pytest
 
 from caloexp import metrics
 from caloexp.data.calochallenge import Showers
-from caloexp.errors import ConfigError
+from caloexp.errors import ConfigError, InputError
 from caloexp.geometry import builtin
 from tests.conftest import random_showers
 
@@ -71,6 +71,10 @@ def test_bad_arguments(samples):
     ref, gen = samples
     with pytest.raises(ConfigError, match="unknown metric group"):
         metrics.evaluate(ref, gen, G, groups=["separation", "fid"])
+    nan = Showers(gen.energies, gen.showers.copy())
+    nan.showers[5, 3] = np.nan
+    with pytest.raises(InputError, match="NaN/inf in 1 of 800 showers \\(first: row 5\\)"):
+        metrics.evaluate(ref, nan, G)
     with pytest.raises(ConfigError, match="533"):
         metrics.evaluate(ref, gen, builtin("dataset_1_pions"))
 

@@ -14,6 +14,7 @@ names. Metric groups (see ``docs/metrics.md`` for every definition):
 ``fpd_kpd``     ``fpd``, ``fpd_err``, ``kpd``, ``kpd_err`` on the high-level features
 ``shapes3d``    ``shapes/*``: 3DGAN-style longitudinal/transverse moments, response, hits
 
+Non-finite voxels raise :class:`~caloexp.errors.InputError` (one line, naming the first bad row).
 Both samples get the same voxel threshold first (``threshold=None``: 1 MeV for dataset 1,
 0.5 keV / 0.033 for datasets 2-3). Degenerate input (e.g. all-zero generated showers) gives
 finite values that signal "maximally different" (separation 1, large distances), never NaN,
@@ -26,7 +27,7 @@ from typing import Sequence
 import numpy as np
 
 from caloexp.data.calochallenge import Showers
-from caloexp.errors import ConfigError
+from caloexp.errors import ConfigError, InputError
 from caloexp.geometry import Geometry
 from caloexp.metrics import distances, features, separation
 from caloexp.metrics.features import Features, apply_threshold, default_threshold
@@ -45,6 +46,10 @@ def _check(showers: Showers, geometry: Geometry, what: str) -> None:
         raise ConfigError(f"{what}: {len(showers.energies)} energies for {len(x)} showers")
     if len(x) < 2:
         raise ConfigError(f"{what} sample has {len(x)} showers; metrics need at least 2")
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+        raise InputError(f"{what} showers contain NaN/inf in {int(bad.sum())} of {len(x)} showers "
+                         f"(first: row {int(np.argmax(bad))})")
 
 
 def evaluate(reference: Showers, generated: Showers, geometry: Geometry, groups: Sequence[str] = FAST,
