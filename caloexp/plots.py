@@ -1,4 +1,4 @@
-"""Validation plots, reference (Geant4) vs generated, as PNG files a physicist reads at a glance.
+"""Validation plots, reference (Geant4 or the embedded simulation) vs generated, as PNG files a physicist reads at a glance.
 
 :func:`plot_all` writes (names are stable; MLflow shows them under ``plots/``):
 
@@ -35,7 +35,7 @@ from caloexp.metrics import separation as sep  # noqa: E402
 from caloexp.metrics.distances import energy_bins  # noqa: E402
 from caloexp.metrics.shapes3d import geometry_shapes  # noqa: E402
 
-REF_STYLE = dict(color="0.25", linestyle="--", label="Geant4 (reference)")
+REF_STYLE = dict(color="0.25", linestyle="--", label="reference")
 GEN_STYLE = dict(color="tab:red", linestyle="-", label="generated")
 STYLE = {"font.size": 9, "axes.titlesize": 9, "axes.labelsize": 9, "legend.fontsize": 8,
          "xtick.direction": "in", "ytick.direction": "in", "xtick.minor.visible": False,
@@ -136,13 +136,13 @@ def plot_layers_average(ref_x: np.ndarray, gen_x: np.ndarray, geometry: Geometry
         g_img = a_gen[sl].reshape(layer.n_alpha, layer.n_r)
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = np.where(r_img > 0, g_img / r_img, np.nan)
-        for col, (img, title) in enumerate(((r_img, "Geant4"), (g_img, "generated"))):
+        for col, (img, title) in enumerate(((r_img, "reference"), (g_img, "generated"))):
             im = axes[row, col].imshow(np.clip(img, vmin, None), origin="lower", aspect="auto", cmap="viridis",
                                        norm=LogNorm(vmin=vmin, vmax=vmax), interpolation="nearest")
             axes[row, col].set_title(f"layer {layer.id}: {title}")
         rim = axes[row, 2].imshow(ratio, origin="lower", aspect="auto", cmap="RdBu_r",
                                   norm=LogNorm(vmin=0.5, vmax=2.0), interpolation="nearest")
-        axes[row, 2].set_title(f"layer {layer.id}: generated / Geant4")
+        axes[row, 2].set_title(f"layer {layer.id}: generated / reference")
         for col, ax in enumerate(axes[row]):
             ax.set_yticks([0, layer.n_alpha - 1] if layer.n_alpha > 1 else [])
             ax.set_xticks(sorted({0, layer.n_r // 2, layer.n_r - 1}))
@@ -153,7 +153,7 @@ def plot_layers_average(ref_x: np.ndarray, gen_x: np.ndarray, geometry: Geometry
     cax = fig.add_axes([0.07, 0.35 / height, 0.58, 0.12 / height])
     fig.colorbar(im, cax=cax, orientation="horizontal", label="mean energy per voxel [MeV]")
     rcax = fig.add_axes([0.71, 0.35 / height, 0.26, 0.12 / height])
-    cb = fig.colorbar(rim, cax=rcax, orientation="horizontal", label="generated / Geant4")
+    cb = fig.colorbar(rim, cax=rcax, orientation="horizontal", label="generated / reference")
     cb.minorticks_off()
     cb.set_ticks([0.5, 0.8, 1.0, 1.25, 2.0], labels=["0.5", "0.8", "1", "1.25", "2"])
     return _save(fig, path)
@@ -217,7 +217,7 @@ def plot_shower_shapes(ref_x: np.ndarray, gen_x: np.ndarray, geometry: Geometry,
     axes[0, 1].set_yscale("log")
     axes[0, 1].set_xlabel("r [mm]")
     axes[0, 1].set_ylabel(r"mean energy density [MeV/mm$^2$]")
-    axes[0, 1].set_title("Transverse profile (dashed: Geant4, solid: generated)")
+    axes[0, 1].set_title("Transverse profile (dashed: reference, solid: generated)")
     axes[0, 1].legend(frameon=False, fontsize=7)
     for key, ax, xl in (("depth_mean", axes[1, 0], "energy-weighted mean layer index"),
                         ("hits", axes[1, 1], "hit multiplicity (voxels above threshold)")):
@@ -240,7 +240,7 @@ def plot_shower_3d(ref: Showers, gen: Showers, geometry: Geometry, path: Path, n
     y = geometry.voxel_r * np.sin(geometry.voxel_alpha)
     z = geometry.voxel_layer.astype(float)
     picks = []
-    for s, name in ((ref, "Geant4"), (gen, "generated")):
+    for s, name in ((ref, "reference"), (gen, "generated")):
         idx = rng.choice(len(s), size=min(n, len(s)), replace=False) if len(s) else []
         picks += [(s.showers[i], float(s.energies[i]), name) for i in idx]
     if not picks:

@@ -55,8 +55,13 @@ def artifact_root_for(tracking_uri: str) -> str | None:
 def get_or_create_experiment(client: MlflowClient, name: str, tracking_uri: str = "") -> str:
     exp = client.get_experiment_by_name(name)
     if exp is None:
-        return client.create_experiment(name, artifact_location=artifact_root_for(tracking_uri),
-                                        tags={EXPERIMENT_KIND_TAG: "custom_model_development"})
+        try:
+            return client.create_experiment(name, artifact_location=artifact_root_for(tracking_uri),
+                                            tags={EXPERIMENT_KIND_TAG: "custom_model_development"})
+        except Exception:  # noqa: BLE001 - created meanwhile by a concurrent process (sweep workers)
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
     if exp.tags.get(EXPERIMENT_KIND_TAG) is None:
         client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development")
     return exp.experiment_id

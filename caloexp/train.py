@@ -159,6 +159,10 @@ def evaluate(cfg: DictConfig, model: GenerativeModel, gen: ShowerGenerator, refe
     model.eval()
     t0 = time.perf_counter()
     fake = Showers(reference.energies, generate_like(gen, reference.energies, seed=cfg.seed + step))
+    bad = ~np.isfinite(fake.showers).all(axis=1)
+    if bad.any():
+        raise TrainingDiverged(f"step {step}: the generator produced NaN/inf showers ({int(bad.sum())} of "
+                               f"{len(bad)}; training diverged: lower the learning rate)")
     groups = list(cfg.trainer.metrics)
     classifier = OmegaConf.to_container(cfg.trainer.classifier, resolve=True) if cfg.trainer.classifier else None
     result = metrics.evaluate(reference, fake, geometry, groups=groups, classifier=classifier, seed=cfg.seed)
@@ -231,7 +235,7 @@ def train(cfg: DictConfig) -> float:
 
     def run_evaluation(final: bool) -> dict[str, float]:
         state.evals += 1
-        with_plots = final or (tc.plot_every and state.evals % int(tc.plot_every) == 0)
+        with_plots = bool(tc.plot_every) and (final or state.evals % int(tc.plot_every) == 0)
         result = evaluate(cfg, model, gen, reference, data.geometry, state.step, plots_dir if with_plots else None, tracker)
         if monitor not in result:
             raise ConfigError(f"trainer.monitor={monitor!r} is not computed by trainer.metrics={list(tc.metrics)} "

@@ -30,7 +30,8 @@ def random_showers(n: int, n_voxels: int = 368, seed: int = 0) -> tuple[np.ndarr
 
 def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run ``python -m <module> args`` as a user would, in ``cwd``, with an isolated MLflow store."""
-    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-    full_env.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{cwd}/mlflow.db")
+    # always explicit: mlflow.set_tracking_uri() in this process exports MLFLOW_TRACKING_URI
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", MLFLOW_TRACKING_URI=f"sqlite:///{cwd}/mlflow.db")
+    full_env.update(env or {})
     return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=full_env, capture_output=True,
                           text=True, timeout=timeout)

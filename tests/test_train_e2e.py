@@ -107,6 +107,7 @@ def test_mlflow_run_has_params_metrics_plots_checkpoint_and_model(runs):
     plots = [f.path for f in client.list_artifacts(rid, "plots/step_0000060")]
     assert plots and all(p.endswith(".png") for p in plots)
     import mlflow.pytorch
+    mlflow.set_tracking_uri(client._tracking_client.tracking_uri)
     gen = mlflow.pytorch.load_model(run.data.tags["caloexp.model_uri"])
     showers = gen(torch.tensor([1024.0, 2.0**20]))
     assert showers.shape == (2, 368) and (showers >= 0).all()

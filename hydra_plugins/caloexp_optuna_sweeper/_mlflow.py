@@ -17,9 +17,10 @@ from typing import Any, Dict, List, Optional
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from caloexp.tracking import get_or_create_experiment
+
 log = logging.getLogger(__name__)
 
-EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # without it the MLflow 3 UI opens a GenAI view
 ROLE_TAG = "caloexp.sweep_role"
 
 
@@ -32,17 +33,7 @@ class StudyTracker:
 
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self.tracking_uri, self.study_name, self.sweep_id, self.metric = tracking_uri, study_name, sweep_id, metric
-        exp = self.client.get_experiment_by_name(experiment_name)
-        if exp is None:
-            try:
-                self.experiment_id = self.client.create_experiment(
-                    experiment_name, tags={EXPERIMENT_KIND_TAG: "custom_model_development"})
-            except Exception:  # created by a concurrent worker
-                self.experiment_id = self.client.get_experiment_by_name(experiment_name).experiment_id
-        else:
-            self.experiment_id = exp.experiment_id
-            if exp.tags.get(EXPERIMENT_KIND_TAG) is None:
-                self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development")
+        self.experiment_id = get_or_create_experiment(self.client, experiment_name, tracking_uri)
         self.parent_run_id: Optional[str] = None
 
     def open_parent(self, params: Dict[str, Any]) -> str:
