@@ -114,6 +114,17 @@ class AdversarialModel(GenerativeModel):
         for p in module.parameters():
             p.requires_grad_(flag)
 
+    def update_generator(self, cond: torch.Tensor, optimizer: torch.optim.Optimizer,
+                         loss_of_score: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """One generator step on ``loss_of_score(critic(G(z, cond)))``, the critic frozen meanwhile."""
+        self.set_trainable(self.critic, False)
+        loss = loss_of_score(self.criticise(self.generate(cond), cond))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        self.set_trainable(self.critic, True)
+        return loss.detach()
+
 
 class ShowerGenerator(nn.Module):
     """The exported, self-contained generator: incident energies (MeV) -> showers (MeV).

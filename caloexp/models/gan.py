@@ -35,12 +35,7 @@ class GAN(AdversarialModel):
                "d_fake": torch.sigmoid(d_fake).mean().detach()}
         # --- generator
         if (step + 1) % self.d_steps == 0:
-            self.set_trainable(self.critic, False)
-            d_gen = self.criticise(self.generate(cond), cond)
-            loss_g = F.binary_cross_entropy_with_logits(d_gen, torch.ones_like(d_gen))
-            optimizers["generator"].zero_grad(set_to_none=True)
-            loss_g.backward()
-            optimizers["generator"].step()
-            self.set_trainable(self.critic, True)
-            out["loss/generator"] = loss_g.detach()
+            out["loss/generator"] = self.update_generator(
+                cond, optimizers["generator"],
+                lambda score: F.binary_cross_entropy_with_logits(score, torch.ones_like(score)))
         return out

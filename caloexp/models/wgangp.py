@@ -42,11 +42,5 @@ class WGANGP(AdversarialModel):
                "gradient_penalty": gp.detach()}
         # --- generator, every n_critic steps
         if (step + 1) % self.n_critic == 0:
-            self.set_trainable(self.critic, False)
-            loss_g = -self.criticise(self.generate(cond), cond).mean()
-            optimizers["generator"].zero_grad(set_to_none=True)
-            loss_g.backward()
-            optimizers["generator"].step()
-            self.set_trainable(self.critic, True)
-            out["loss/generator"] = loss_g.detach()
+            out["loss/generator"] = self.update_generator(cond, optimizers["generator"], lambda score: -score.mean())
         return out
