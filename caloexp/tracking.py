@@ -11,7 +11,6 @@ metric's history has every step exactly once however often the run was interrupt
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 from pathlib import Path
 from typing import Any, Mapping
@@ -149,7 +148,3 @@ class Tracker:
         if mlflow.active_run() is not None:
             mlflow.end_run(status=status)
 
-
-def default_tracking_uri(root_dir: str | Path) -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else a SQLite store in the project directory."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root_dir).resolve()}/mlflow.db"

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
