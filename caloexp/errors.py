@@ -30,3 +30,9 @@ class TrainingDiverged(CaloexpError):
     """A loss became NaN/inf: the run is stopped and marked FAILED."""
 
     exit_code = 4
+
+
+class Interrupted(CaloexpError):
+    """The user stopped the run (Ctrl-C); it is marked KILLED and can be resumed."""
+
+    exit_code = 130

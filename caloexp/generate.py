@@ -1,83 +1,35 @@
-"""Generate showers with a trained model into a CaloChallenge-format HDF5 file.
+"""Generate events with a trained model into the format of the data it learned.
 
 ``python -m caloexp.generate source=<MLflow run id | checkpoint | run dir> n_showers=10000``
 
-The file holds ``incident_energies`` (N, 1) and ``showers`` (N, n_voxels) in MeV, the
-layout the official CaloChallenge ``evaluate.py`` reads unchanged.
+CaloChallenge models write ``incident_energies`` (N, 1) and ``showers`` (N, n_voxels) in MeV, the
+layout the official CaloChallenge ``evaluate.py`` reads; grid, image and tabular models write the
+named datasets their data came from (e.g. ``ECAL``, ``energy``, ``theta``). The generator is rebuilt
+from the checkpoint's plain spec and weights (:mod:`caloexp.sampling`): no file is unpickled.
 """
 from __future__ import annotations
 
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import hydra
 import numpy as np
-import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from caloexp import checkpoint
-from caloexp import geometry as geo
+from caloexp import runtime, sampling
 from caloexp.cli import CONF_DIR, report_errors, run_hydra_app
-from caloexp.data import calochallenge
-from caloexp.data.transforms import ShowerTransform
+from caloexp.data import calochallenge, formats
 from caloexp.errors import ConfigError, InputError
-from caloexp.models.base import ShowerGenerator
 
 log = logging.getLogger("caloexp.generate")
 
 DATASET_1_ENERGIES = 2.0 ** np.arange(8, 23)  # 256 MeV ... 4.19 TeV
 
 
-def generator_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[ShowerGenerator, geo.Geometry]:
-    """Rebuild the generator (network + fitted transform) from a training checkpoint."""
-    state = checkpoint.load(path)
-    cfg = OmegaConf.create(state["config_yaml"])
-    geometry = geo.load(cfg.data.geometry)
-    model = instantiate(cfg.model, data_shape=(geometry.n_voxels,), cond_dim=1)
-    model.load_state_dict(state["model"])
-    transform = ShowerTransform(geometry.n_voxels, output_range=model.output_range,
-                                **OmegaConf.to_container(cfg.data.transform, resolve=True))
-    transform.load_state_dict(state["transform"])
-    return ShowerGenerator(model.sampler(), transform).to(device).eval(), geometry
-
-
-def generator_from_mlflow(run_or_uri: str, tracking_uri: str, device: str | torch.device = "cpu") -> tuple[ShowerGenerator, geo.Geometry]:
-    """Load the MLflow model logged by a training run (run id, runs:/ or models:/ URI)."""
-    import mlflow
-    import mlflow.pytorch
-    from mlflow.exceptions import MlflowException
-
-    mlflow.set_tracking_uri(tracking_uri)
-    client = mlflow.tracking.MlflowClient(tracking_uri)
-    uri, run_id = run_or_uri, None
-    if "://" not in run_or_uri and ":/" not in run_or_uri:
-        run_id = run_or_uri
-    elif run_or_uri.startswith("runs:/"):
-        run_id = run_or_uri.split("/")[1]
-    try:
-        if run_id:
-            run = client.get_run(run_id)
-            uri = run.data.tags.get("caloexp.model_uri") or f"runs:/{run_id}/generator"
-        gen = mlflow.pytorch.load_model(uri, map_location=torch.device(device))
-        if run_id is None:
-            run_id = mlflow.models.get_model_info(uri).run_id
-        geometry = geo.load(client.get_run(run_id).data.params["data.geometry"])
-    except MlflowException as exc:
-        raise InputError(f"{run_or_uri}: no generator model found at {tracking_uri} ({str(exc).splitlines()[0]})") from None
-    return gen.to(device).eval(), geometry
-
-
-def load_generator(source: str, tracking_uri: str, device: str | torch.device = "cpu") -> tuple[ShowerGenerator, geo.Geometry]:
-    p = Path(source).expanduser()
-    if p.exists():
-        return generator_from_checkpoint(checkpoint.find(str(p), "."), device)
-    return generator_from_mlflow(source, tracking_uri, device)
-
-
-def incident_energies(spec, n: int | None, seed: int) -> np.ndarray:
-    """Energies (MeV) to generate at: ``dataset_1``, a list of values, or a file to copy from."""
+def incident_energies(spec: Any, n: int | None, seed: int) -> np.ndarray:
+    """Energies (MeV) to generate at: ``dataset_1``, a list of values, or a CaloChallenge file to copy from."""
     rng = np.random.default_rng(seed)
     if isinstance(spec, (list, tuple, ListConfig)):
         values = np.asarray(list(spec), dtype=np.float64)
@@ -95,25 +47,45 @@ def incident_energies(spec, n: int | None, seed: int) -> np.ndarray:
     return e if n is None else e[:n]
 
 
-def generate(cfg: DictConfig) -> Path:
-    from caloexp.train import generate_like, pick_device
+def conditions_from_file(path: str, names: list[str], keys: dict[str, str], n: int | None) -> dict[str, np.ndarray]:
+    """Conditions read from an HDF5/.npz file holding one dataset per condition (by name or data key)."""
+    from caloexp.data.arrays import _open
 
-    device = pick_device(str(cfg.device))
-    gen, geometry = load_generator(str(cfg.source), cfg.tracking_uri, device)
+    p = Path(path)
+    with _open(p) as f:
+        found = list(f.keys()) if hasattr(f, "keys") else list(f.files)
+        out = {}
+        for name in names:
+            key = name if name in found else keys.get(name, name)
+            if key not in found:
+                raise InputError(f"{p}: no dataset for condition '{name}' (found {sorted(found)})")
+            out[name] = np.asarray(f[key][:] if n is None else f[key][:n])
+    lengths = {len(v) for v in out.values()}
+    if len(lengths) > 1:
+        raise InputError(f"{p}: conditions have different lengths {sorted(lengths)}")
+    return out
+
+
+def generate(cfg: DictConfig) -> Path:
+    device = runtime.pick_device(str(cfg.device))
+    gen, spec = sampling.load(str(cfg.source), cfg.tracking_uri, device)
     n = None if cfg.n_showers is None else int(cfg.n_showers)
     if n is not None and n < 1:
         raise ConfigError(f"n_showers={n}: must be >= 1")
-    energies = incident_energies(cfg.energies, n, int(cfg.seed))
+    if cfg.conditions is not None:
+        cond = conditions_from_file(str(cfg.conditions), gen.cond_names, spec["writer"].get("conditions") or {}, n)
+    elif gen.cond_names == ["energy"]:
+        cond = {"energy": incident_energies(cfg.energies, n, int(cfg.seed))}
+    else:
+        raise ConfigError(f"this model needs conditions {gen.cond_names}: give conditions=<file with those datasets>")
+    options = OmegaConf.to_container(cfg.sampler, resolve=True) if cfg.get("sampler") else {}
     out = Path(str(cfg.output))
     t0 = time.perf_counter()
-    with calochallenge.ShowerWriter(out, geometry.n_voxels) as writer:
-        bs = int(cfg.batch_size)
-        for i in range(0, len(energies), bs):
-            e = energies[i:i + bs]
-            writer.append(e, generate_like(gen, e, seed=int(cfg.seed) * 7919 + i, batch_size=bs))
+    sample = sampling.generate(gen, cond, seed=int(cfg.seed), batch_size=int(cfg.batch_size), **options)
     dt = time.perf_counter() - t0
-    log.info("wrote %d showers (%s, %d voxels) to %s in %.1f s (%.0f showers/s)",
-             len(energies), geometry.name, geometry.n_voxels, out, dt, len(energies) / max(dt, 1e-9))
+    formats.write(out, sample, spec["writer"])
+    log.info("wrote %d events (%s, shape %s) to %s in %.1f s (%.0f events/s)", len(sample), spec["kind"],
+             tuple(sample.event_shape), out, dt, len(sample) / max(dt, 1e-9))
     return out
 
 

@@ -131,20 +131,55 @@ class Tracker:
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
-    def log_generator(self, generator, name: str = "generator") -> None:
-        """Log the self-contained generator (energies -> showers, MeV) as an MLflow PyTorch model."""
+    def log_dataset(self, description: Mapping[str, Any]) -> None:
+        """What the model was trained on, as an MLflow dataset input and as ``dataset.json``."""
+        import json
+
+        mlflow.log_text(json.dumps(dict(description), indent=1, default=str), "dataset.json")
+        try:
+            from mlflow.data.meta_dataset import MetaDataset
+            from mlflow.data.sources import LocalArtifactDatasetSource
+
+            files = description.get("files") or [description.get("name", "data")]
+            source = LocalArtifactDatasetSource(str(files[0]))
+            mlflow.log_input(MetaDataset(source, name=str(description.get("name")),
+                                         digest=str(abs(hash(json.dumps(dict(description), default=str))))[:8]),
+                             context="training")
+        except Exception as exc:  # noqa: BLE001 - dataset lineage is a nicety, never a reason to fail a run
+            log.debug("mlflow.log_input skipped: %s", exc)
+
+    def log_generator(self, state: Mapping[str, Any], name: str = "generator") -> None:
+        """Log the generator as weights + a plain spec (``generator/generator.pt``), never as a pickle.
+
+        ``caloexp.generate source=<run id>`` and :func:`caloexp.sampling.from_state` rebuild it with
+        ``torch.load(weights_only=True)`` and caloexp's own classes, so loading a run cannot run code.
+        """
         if not self.log_model_enabled:
             return
-        import mlflow.pytorch
-        # pickle (not pt2/torch.export): the generator draws its own noise, optionally from a
-        # user's torch.Generator, which a traced graph cannot take. Explicit requirements skip
-        # MLflow's slow requirement inference.
-        info = mlflow.pytorch.log_model(generator.cpu(), name=name, serialization_format="pickle",
-                                        pip_requirements=["torch", "caloexp"])
-        mlflow.set_tag("caloexp.model_uri", info.model_uri)
+        import tempfile
+
+        import torch
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "generator.pt"
+            torch.save(dict(state), path)
+            mlflow.log_artifact(str(path), name)
+        mlflow.set_tag("caloexp.model_uri", f"runs:/{self.run_id}/{name}")
 
     # ---------------------------------------------------------------- close
     def end(self, status: str = "FINISHED") -> None:
         if mlflow.active_run() is not None:
             mlflow.end_run(status=status)
 
+
+
+class NullTracker:
+    """What ranks other than 0 use: every call does nothing (one MLflow run per training)."""
+
+    run_id: str | None = None
+
+    def start(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None

@@ -1,44 +1,45 @@
-"""Train a generative calorimeter model: ``python -m caloexp.train [group=option] [key=value]``.
+"""Train a generative model: ``python -m caloexp.train [group=option] [key=value]``.
 
 The loop, in the order it happens::
 
-    data   = ShowerDataModule(...)                # files -> validated split -> transform
-    model  = WGANGP / GAN / ...(data_shape, cond_dim)
-    optims = one optimizer (and scheduler) per model role (generator, critic)
-    for each step (one batch):
-        losses = model.training_step(batch, step, optims)   # the family's own update order
-        every log_every        -> losses, learning rates, throughput to MLflow
-        every eval_every       -> generate at the reference energies, physics metrics (+ plots)
-        every checkpoint_every -> checkpoint (and MLflow artifact)
+    runtime = device, precision, seeds, process group (torchrun)
+    data    = DataModule(...).setup(rank, world_size)     # files -> split -> reference, conditions
+    model   = family(data_shape, cond_dim)                # nets built from the data's shapes
+    optim   = Optim(model, ...)                           # one optimiser (+ scheduler, EMA) per role
+    for each step (one batch per rank):
+        logs = model.training_step(batch, step, optim)    # the family's maths; optim.step does the rest
+        every log_every        -> losses, learning rates, throughput
+        every eval_every       -> generate at the reference conditions, physics metrics (+ plots)
+        every checkpoint_every -> checkpoint
     at the end: evaluation with plots, checkpoints, the generator as an MLflow model
 
-The function returns the best value of ``optimized_metric`` (lower is better) so that
-Hydra sweepers can optimise it.
+Rank 0 alone tracks, checkpoints and evaluates. The function returns the best value of
+``trainer.monitor`` (lower is better) so that Hydra sweepers can optimise it.
 """
 from __future__ import annotations
 
 import logging
 import math
+import signal
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import hydra
-import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from caloexp import checkpoint
-from caloexp import config as _schemas  # noqa: F401 - registers typed config schemas
+from caloexp import checkpoint, runtime, sampling
+from caloexp import config as schemas
+from caloexp.build import instantiate
 from caloexp.cli import CONF_DIR, report_errors, run_hydra_app
-from caloexp.data.calochallenge import Showers
-from caloexp.errors import ConfigError, TrainingDiverged
-from caloexp.models.base import GenerativeModel, ShowerGenerator
-from caloexp.tracking import Tracker
+from caloexp.data.base import DataModule
+from caloexp.errors import ConfigError, Interrupted, TrainingDiverged
+from caloexp.models.base import GenerativeModel
+from caloexp.optim import Optim
+from caloexp.tracking import NullTracker, Tracker
 
 log = logging.getLogger("caloexp.train")
 
@@ -54,55 +55,6 @@ class State:
     best: float = math.inf
 
 
-# ----------------------------------------------------------------- building
-def build(cfg: DictConfig, group: str, **kwargs):
-    """Instantiate one config group; a bad value becomes one line naming the group."""
-    try:
-        return instantiate(cfg[group], **kwargs)
-    except InstantiationException as exc:
-        cause = exc.__cause__ or exc
-        msg = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-        raise ConfigError(f"cannot build '{group}' ({cfg[group].get('_target_')}): {msg}") from None
-
-
-def build_optimizer(cfg: DictConfig, role: str, params) -> torch.optim.Optimizer:
-    """Shared optimizer settings, overridden by the role's own (``optimizer.<role>.*``)."""
-    shared = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in ("generator", "critic")}
-    settings = dict(shared, **OmegaConf.to_container(cfg.get(role) or {}, resolve=True))
-    try:
-        return hydra.utils.get_class(settings.pop("_target_"))(params, **settings)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"optimizer for {role}: {exc}") from None
-
-
-def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer):
-    settings = OmegaConf.to_container(cfg, resolve=True)
-    target = settings.pop("_target_", None)
-    settings.pop("monitor", None)
-    if not target:
-        return None
-    try:
-        return hydra.utils.get_class(target)(optimizer, **settings)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"scheduler {target}: {exc}") from None
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"trainer.device={name}: CUDA is not available on this machine (use trainer.device=cpu)")
-    return torch.device(name)
-
-
-def autocast(device: torch.device, precision: str):
-    if str(precision) in ("32", "fp32", "32-true"):
-        return nullcontext()
-    if str(precision) in ("bf16", "bf16-mixed"):
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    raise ConfigError(f"trainer.precision={precision}: choose 32 or bf16")
-
-
 # ---------------------------------------------------------------- resuming
 def cli_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
@@ -111,207 +63,275 @@ def cli_overrides() -> list[str]:
 def resumed_config(saved_yaml: str, cfg: DictConfig) -> DictConfig:
     """The interrupted run's config; the command line may change trainer/logger settings only."""
     saved = OmegaConf.create(saved_yaml)
+    plain = lambda v: OmegaConf.to_container(v, resolve=True) if isinstance(v, DictConfig) else v  # noqa: E731
     for override in cli_overrides():
         key = override.split("=", 1)[0].lstrip("+~")
         if key in ("resume",) or key.startswith("hydra."):
             continue
         new = OmegaConf.select(cfg, key, default=None)
         if key.startswith(("trainer.", "logger.")) or key in ("trainer", "logger"):
-            OmegaConf.update(saved, key, OmegaConf.to_container(new, resolve=True) if isinstance(new, DictConfig) else new,
-                             force_add=True)
+            OmegaConf.update(saved, key, plain(new), force_add=True)
             continue
         old = OmegaConf.select(saved, key, default=None)
-        as_plain = lambda v: OmegaConf.to_container(v, resolve=True) if isinstance(v, DictConfig) else v  # noqa: E731
-        if as_plain(new) != as_plain(old):
-            raise ConfigError(f"cannot change '{key}' when resuming (was {as_plain(old)!r}); "
+        if plain(new) != plain(old):
+            raise ConfigError(f"cannot change '{key}' when resuming (was {plain(old)!r}); "
                               "only trainer.* and logger.* may change")
     saved.resume = cfg.resume
     return saved
 
 
-def configure_torch(cfg: DictConfig) -> None:
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed % 2**32)
-    if cfg.trainer.num_threads:
-        torch.set_num_threads(int(cfg.trainer.num_threads))
-    if cfg.trainer.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-
-
 # -------------------------------------------------------------- evaluation
-@torch.no_grad()
-def generate_like(gen: ShowerGenerator, energies: np.ndarray, seed: int, batch_size: int = 10_000) -> np.ndarray:
-    """Showers (MeV) at the given incident energies, in batches, with their own RNG."""
-    device = gen.transform.shift.device
-    rng = torch.Generator(device).manual_seed(int(seed))
-    out = [gen(torch.as_tensor(energies[i:i + batch_size], device=device), rng).cpu().numpy()
-           for i in range(0, len(energies), batch_size)]
-    return np.concatenate(out) if out else np.zeros((0, gen.transform.shift.numel()), np.float32)
+def evaluate(cfg: DictConfig, gen: sampling.EventGenerator, data: DataModule, step: int,
+             plots_dir: Path | None, tracker) -> dict[str, float]:
+    """Generate at the reference conditions, compute the physics metrics of the data's kind, plot; log all."""
+    from caloexp import metrics
 
-
-def evaluate(cfg: DictConfig, model: GenerativeModel, gen: ShowerGenerator, reference: Showers, geometry,
-             step: int, plots_dir: Path | None, tracker: Tracker) -> dict[str, float]:
-    """Generate at the reference energies, compute physics metrics, optionally plot; log all."""
-    from caloexp import metrics, plots
-
-    was_training = model.training
-    model.eval()
     t0 = time.perf_counter()
-    fake = Showers(reference.energies, generate_like(gen, reference.energies, seed=cfg.seed + step))
-    bad = ~np.isfinite(fake.showers).all(axis=1)
-    if bad.any():
-        raise TrainingDiverged(f"step {step}: the generator produced NaN/inf showers ({int(bad.sum())} of "
-                               f"{len(bad)}; training diverged: lower the learning rate)")
-    groups = list(cfg.trainer.metrics)
-    classifier = OmegaConf.to_container(cfg.trainer.classifier, resolve=True) if cfg.trainer.classifier else None
-    result = metrics.evaluate(reference, fake, geometry, groups=groups, classifier=classifier, seed=cfg.seed)
+    reference = data.reference()
+    fake = sampling.generate(gen, reference.cond, seed=cfg.seed + step)
+    try:
+        sampling.check_finite(fake, f"step {step}")
+    except Exception as exc:  # noqa: BLE001 - reported as divergence
+        raise TrainingDiverged(f"{exc} (training diverged: lower the learning rate)") from None
+    tc = cfg.trainer
+    classifier = OmegaConf.to_container(tc.classifier, resolve=True) if tc.classifier else None
+    groups = list(tc.metrics) if tc.metrics is not None else None
+    result = metrics.evaluate_sample(reference, fake, geometry=getattr(data, "geometry", None), groups=groups,
+                                     classifier=classifier, seed=cfg.seed)
     result["perf/eval_s"] = time.perf_counter() - t0
     tracker.log_metrics(result, step)
-    if plots_dir is not None:
+    if plots_dir is not None and reference.kind == "calo":
+        from caloexp import plots
+        from caloexp.data.calochallenge import Showers
+
         out = plots_dir / f"step_{step:07d}"
-        plots.plot_all(reference, fake, geometry, out)
+        plots.plot_all(Showers(reference.energies, reference.showers), Showers(fake.energies, fake.showers),
+                       data.geometry, out)
         tracker.log_artifacts(out, f"plots/step_{step:07d}")
-    model.train(was_training)
     return result
 
 
+def physics_summary(result: dict[str, float], monitor: str) -> str:
+    """One line a physicist reads at each evaluation."""
+    keys = [monitor] + [k for k in ("resp/max_mean_dev", "resp/max_width_ratio", "sep/mean") if k != monitor]
+    parts = [f"{k} = {result[k]:.4g}" for k in keys if k in result]
+    seps = sorted(((v, k) for k, v in result.items() if k.startswith("sep/") and k != "sep/mean"), reverse=True)[:3]
+    if seps:
+        parts.append("worst: " + ", ".join(f"{k[4:]} {v:.3f}" for v, k in seps))
+    return "; ".join(parts)
+
+
 # ------------------------------------------------------------------ training
+class _StopFlag:
+    """Ctrl-C asks the loop to stop after the current step (a second Ctrl-C stops at once)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> "_StopFlag":
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread (e.g. a joblib worker): leave signals alone
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
 def train(cfg: DictConfig) -> float:
     """Train one model as configured; return the best ``trainer.monitor`` value (lower is better)."""
-    ckpt = None
+    ckpt, ckpt_path = None, None
     if cfg.get("resume"):
-        path = checkpoint.find(str(cfg.resume), Path(cfg.paths.root_dir) / "outputs", cfg.logger.tracking_uri)
-        ckpt = checkpoint.load(path)
+        ckpt_path = checkpoint.find(str(cfg.resume), Path(cfg.paths.root_dir) / "outputs", cfg.logger.tracking_uri)
+        ckpt = checkpoint.load(ckpt_path)
         cfg = resumed_config(ckpt["config_yaml"], cfg)
-        log.info("resuming from %s at step %d", path, ckpt["state"]["step"])
-    if cfg.trainer.max_steps is None and cfg.trainer.max_epochs is None:
-        raise ConfigError("set trainer.max_steps or trainer.max_epochs: training needs an end")
-    configure_torch(cfg)
-    device = pick_device(str(cfg.trainer.device))
+        log.info("resuming from %s at step %d", ckpt_path, ckpt["state"]["step"])
+    tc = cfg.trainer
+    schemas.validate_trainer(tc)
+    rt = runtime.setup(str(tc.device), str(tc.precision), str(tc.strategy), tc.num_threads, bool(tc.deterministic),
+                       int(cfg.seed))
 
-    data = build(cfg, "data").setup()
-    model: GenerativeModel = build(cfg, "model", data_shape=data.data_shape, cond_dim=data.cond_dim)
-    transform = data.fit_transform(model.output_range, device)
-    model.to(device)
-    model.rng = torch.Generator(device).manual_seed(cfg.seed)
-    optimizers = {role: build_optimizer(cfg.optimizer, role, model.parameters_for(role)) for role in model.roles}
-    schedulers = {role: s for role, opt in optimizers.items() if (s := build_scheduler(cfg.scheduler, opt))}
-    plateau = any(isinstance(s, torch.optim.lr_scheduler.ReduceLROnPlateau) for s in schedulers.values())
+    data: DataModule = instantiate(cfg.data, "data", DataModule).setup(rt.rank, rt.world_size)
+    model: GenerativeModel = instantiate(cfg.model, "model", GenerativeModel, data_shape=data.data_shape,
+                                         cond_dim=data.cond_dim)
+    transform = data.fit_transform(model.output_range, rt.device)
+    model.to(rt.device)
+    rt.broadcast_module(model)
+    model.rng = torch.Generator(rt.device).manual_seed(runtime.rank_seed(cfg.seed, rt.rank))
+    optim = Optim(model, cfg.optimizer, cfg.scheduler, rt, tc.gradient_clip_val)
+    gen = sampling.EventGenerator(model.sampler(), transform, data.kind)
+    monitor = str(tc.monitor)
+    if rt.is_main:
+        check_monitor(cfg, gen, data, monitor)
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    spec = sampling.spec_of(model_cfg, data.data_shape, data.cond_dim, transform, data.kind, data.writer_spec(),
+                            data.describe())
     state = State()
 
     run_dir = Path(ckpt["run_dir"]) if ckpt else Path(cfg.paths.output_dir)
     ckpt_dir = run_dir / "checkpoints"
     tracker = Tracker(cfg.logger.tracking_uri, cfg.logger.experiment_name, cfg.logger.run_name,
-                      cfg.logger.parent_run_id, cfg.logger.tags, cfg.logger.log_model)
+                      cfg.logger.parent_run_id, cfg.logger.tags, cfg.logger.log_model) if rt.is_main else NullTracker()
     tracker.start(cfg, run_id=ckpt["run_id"] if ckpt else None,
                   extra_tags={"caloexp.output_dir": run_dir, "caloexp.checkpoint_dir": ckpt_dir,
                               "caloexp.overrides": " ".join(cli_overrides()), "caloexp.model": cfg.model._target_,
-                              "caloexp.dataset": cfg.data.name})
+                              "caloexp.dataset": cfg.data.name, "caloexp.kind": data.kind,
+                              "caloexp.world_size": rt.world_size})
+    if not ckpt:
+        tracker.log_dataset(data.describe())
 
-    def save(name: str) -> Path:
+    def save(name: str) -> Path | None:
+        rngs = rt.gather_object({"model": model.rng.get_state(), "torch": torch.get_rng_state(),
+                                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None})
+        if not rt.is_main:
+            return None
         path = checkpoint.save(ckpt_dir / name, {
-            "model": model.state_dict(), "transform": transform.state_dict(),
-            "optimizers": {r: o.state_dict() for r, o in optimizers.items()},
-            "schedulers": {r: s.state_dict() for r, s in schedulers.items()},
-            "rng": {"model": model.rng.get_state(), "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-            "state": asdict(state), "run_id": tracker.run_id, "run_dir": str(run_dir),
-            "config_yaml": OmegaConf.to_yaml(cfg, resolve=True)})
+            "model": model.state_dict(), "transform": transform.state_dict(), "optim": optim.state_dict(),
+            "rng": rngs[0], "rng_ranks": rngs, "state": asdict(state), "run_id": tracker.run_id,
+            "run_dir": str(run_dir), "config_yaml": OmegaConf.to_yaml(cfg, resolve=True), "spec": spec})
         if cfg.logger.log_checkpoints:
             tracker.log_artifact(path, "checkpoints")
         return path
 
-    tc = cfg.trainer
-    monitor = str(tc.monitor)
-    gen = ShowerGenerator(model.sampler(), transform)
-    reference = data.reference()
     plots_dir = run_dir / "plots"
-    amp = autocast(device, tc.precision)
 
     def done() -> bool:
         return (tc.max_steps is not None and state.step >= tc.max_steps) or \
                (tc.max_epochs is not None and state.epoch >= tc.max_epochs)
 
-    def run_evaluation(final: bool) -> dict[str, float]:
+    def run_evaluation(final: bool) -> float | None:
         state.evals += 1
-        with_plots = bool(tc.plot_every) and (final or state.evals % int(tc.plot_every) == 0)
-        result = evaluate(cfg, model, gen, reference, data.geometry, state.step, plots_dir if with_plots else None, tracker)
-        if monitor not in result:
-            raise ConfigError(f"trainer.monitor={monitor!r} is not computed by trainer.metrics={list(tc.metrics)} "
-                              f"(available: {', '.join(sorted(result)[:12])}, ...)")
-        value = result[monitor]
-        if plateau:
-            for s in schedulers.values():
-                s.step(value)
+        value = None
+        if rt.is_main:
+            with_plots = bool(tc.plot_every) and (final or state.evals % int(tc.plot_every) == 0)
+            model.eval()
+            with optim.ema_weights():
+                result = evaluate(cfg, gen, data, state.step, plots_dir if with_plots else None, tracker)
+            model.train()
+            value = result[monitor]
+            log.info("step %d: %s", state.step, physics_summary(result, monitor))
+        value = rt.broadcast_object(value)
+        optim.scheduler_step(metric=value)
         if math.isfinite(value) and value < state.best:
             state.best = value
             save(checkpoint.BEST)
             tracker.log_metrics({f"best/{monitor}": value}, state.step)
-        return result
+        return value
 
     status = "FAILED"
     try:
         if ckpt:
-            model.load_state_dict(ckpt["model"])
-            transform.load_state_dict(ckpt["transform"])
-            for role, opt in optimizers.items():
-                opt.load_state_dict(ckpt["optimizers"][role])
-            for role, sched in schedulers.items():
-                sched.load_state_dict(ckpt["schedulers"][role])
-            model.rng.set_state(ckpt["rng"]["model"].to(model.rng.get_state().device))
-            torch.set_rng_state(ckpt["rng"]["torch"])
-            if torch.cuda.is_available() and ckpt["rng"].get("cuda") is not None:
-                torch.cuda.set_rng_state_all(list(ckpt["rng"]["cuda"]))
+            restore(ckpt, model, transform, optim, rt)
             state = State(**ckpt["state"])
         model.train()
-        t_last, steps_last = time.perf_counter(), state.step
-        last_eval_step = -1
-        while not done():
-            for batch in data.train_batches(state.epoch, state.batch, seed=cfg.seed):
-                with amp:
-                    losses = model.training_step(batch, state.step, optimizers)
-                if not plateau:
-                    for s in schedulers.values():
-                        s.step()
-                state.step += 1
-                state.batch += 1
-                if state.batch >= data.steps_per_epoch:
-                    state.epoch, state.batch = state.epoch + 1, 0
+        from caloexp.progress import Progress
 
-                if state.step % tc.log_every == 0:
-                    values = {k: float(v) for k, v in losses.items()}
-                    bad = [k for k, v in values.items() if not math.isfinite(v)]
-                    if bad:
-                        raise TrainingDiverged(f"step {state.step}: {', '.join(bad)} = "
-                                               f"{', '.join(str(values[k]) for k in bad)} (training diverged; "
-                                               "lower the learning rate or check the data)")
-                    now = time.perf_counter()
-                    rate = (state.step - steps_last) * data.batch_size / max(now - t_last, 1e-9)
-                    t_last, steps_last = now, state.step
-                    values.update({f"lr/{r}": o.param_groups[0]["lr"] for r, o in optimizers.items()})
-                    values.update({"perf/showers_per_s": rate, "epoch": state.epoch})
-                    tracker.log_metrics(values, state.step)
-                if state.step % tc.eval_every == 0:
-                    run_evaluation(final=done())
-                    last_eval_step = state.step
-                if state.step % tc.checkpoint_every == 0:
-                    save(checkpoint.LAST)
-                if done():
-                    break
+        progress = Progress(total=tc.max_steps, start=state.step, enabled=rt.is_main)
+        t_last, steps_last = time.perf_counter(), state.step
+        last_eval_step, last_ckpt_step = -1, state.step if ckpt else -1
+        with _StopFlag() as stop, progress:
+            while not done():
+                for batch in data.train_batches(state.epoch, state.batch, seed=cfg.seed):
+                    logs = model.training_step(batch, state.step, optim)
+                    optim.scheduler_step()
+                    state.step += 1
+                    state.batch += 1
+                    if state.batch >= data.steps_per_epoch:
+                        state.epoch, state.batch = state.epoch + 1, 0
+
+                    if state.step % tc.log_every == 0:
+                        values = {k: float(v) for k, v in logs.items()}
+                        bad = [k for k, v in values.items() if not math.isfinite(v)]
+                        if bad:
+                            raise TrainingDiverged(f"step {state.step}: {', '.join(bad)} = "
+                                                   f"{', '.join(str(values[k]) for k in bad)} (training diverged; "
+                                                   "lower the learning rate or check the data)")
+                        now = time.perf_counter()
+                        rate = (state.step - steps_last) * data.global_batch / max(now - t_last, 1e-9)
+                        t_last, steps_last = now, state.step
+                        values.update(optim.learning_rates())
+                        values.update({"perf/events_per_s": rate, "epoch": state.epoch})
+                        tracker.log_metrics(values, state.step)
+                        progress.update(state.step, state.epoch, values)
+                    if state.step % tc.eval_every == 0:
+                        run_evaluation(final=done())
+                        last_eval_step = state.step
+                    if state.step % tc.checkpoint_every == 0:
+                        save(checkpoint.LAST)
+                        last_ckpt_step = state.step
+                    if rt.broadcast_object(stop.requested):
+                        save(checkpoint.LAST)
+                        raise Interrupted(f"interrupted at step {state.step}; checkpoint saved at step {state.step} "
+                                          f"in {ckpt_dir}; continue with: python -m caloexp.train resume={run_dir}")
+                    if done():
+                        break
         if last_eval_step != state.step:
             run_evaluation(final=True)
         save(checkpoint.LAST)
         tracker.set_tags({"caloexp.final_step": state.step})
-        tracker.log_generator(ShowerGenerator(model.sampler(), transform).to("cpu").eval())
-        model.to(device)
+        if rt.is_main:
+            with optim.ema_weights():
+                tracker.log_generator(state_for_export(model, transform, optim, spec))
         status = "FINISHED"
-        log.info("finished at step %d; best %s = %.4g; run %s", state.step, monitor, state.best, tracker.run_id)
+        if rt.is_main:
+            log.info("finished at step %d; best %s = %.4g; run %s in %s\n  open: mlflow ui --backend-store-uri %s\n"
+                     "  generate: python -m caloexp.generate source=%s", state.step, monitor, state.best,
+                     tracker.run_id, run_dir, cfg.logger.tracking_uri, tracker.run_id)
         return float(state.best)
-    except KeyboardInterrupt:
+    except Interrupted:
         status = "KILLED"
         raise
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise Interrupted(f"interrupted at step {state.step}; last checkpoint at step {last_ckpt_step} in "
+                          f"{ckpt_dir}; continue with: python -m caloexp.train resume={run_dir}") from None
     finally:
         tracker.end(status)
+        runtime.teardown()
+
+
+def check_monitor(cfg: DictConfig, gen: sampling.EventGenerator, data: DataModule, monitor: str) -> None:
+    """Catch a monitor that the chosen metric groups never compute before any training (a tiny dry run)."""
+    from caloexp import metrics
+
+    tc = cfg.trainer
+    groups = list(tc.metrics) if tc.metrics is not None else None
+    ref = data.reference()
+    small = ref.subset(slice(0, min(len(ref), 64)))
+    names = metrics.metric_names(small, geometry=getattr(data, "geometry", None), groups=groups)
+    if monitor not in names:
+        raise ConfigError(f"trainer.monitor={monitor!r} is not computed by trainer.metrics={groups} "
+                          f"(available: {', '.join(sorted(names)[:15])}, ...)")
+
+
+def restore(ckpt: dict[str, Any], model: GenerativeModel, transform, optim: Optim, rt: runtime.Runtime) -> None:
+    model.load_state_dict(ckpt["model"])
+    transform.load_state_dict(ckpt["transform"])
+    optim.load_state_dict(ckpt["optim"])
+    rngs = ckpt.get("rng_ranks") or [ckpt["rng"]]
+    if len(rngs) != rt.world_size:
+        log.warning("checkpoint was written by %d process(es), resuming with %d: noise streams are reseeded",
+                    len(rngs), rt.world_size)
+        return
+    mine = rngs[rt.rank]
+    model.rng.set_state(mine["model"].to(model.rng.get_state().device))
+    torch.set_rng_state(mine["torch"])
+    if torch.cuda.is_available() and mine.get("cuda") is not None:
+        torch.cuda.set_rng_state_all(list(mine["cuda"]))
+
+
+def state_for_export(model: GenerativeModel, transform, optim: Optim, spec: dict[str, Any]) -> dict[str, Any]:
+    """What the logged generator is rebuilt from: weights (EMA in place) and the plain spec."""
+    return {"model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+            "transform": {k: v.detach().cpu().clone() for k, v in transform.state_dict().items()}, "spec": spec}
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")

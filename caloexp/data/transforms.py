@@ -1,23 +1,26 @@
-"""Preprocessing between physical showers (MeV) and what a network sees, with an exact inverse.
+"""Invertible preprocessing between physical events and what a network sees, declared in the data config.
 
-The forward chain is the one most CaloChallenge GANs use:
+A :class:`Transform` is a chain of event steps plus one step per named condition::
 
-1. ``u = voxel / E_inc``            (energy fractions: removes the trivial scale with E_inc)
-2. ``v = log(u + eps)``             (compresses the ~7 decades of voxel energies)
-3. per-voxel standardisation, or a min/max map onto a generator's output range
-   (e.g. ``[-1, 1]`` for a ``tanh`` output layer).
+    transform:
+      steps:                          # applied in order; the inverse runs them backwards
+        - {step: energy_fraction}     # x / E_inc          (removes the trivial scale)
+        - {step: log, eps: 1.0e-7}    # log(x + eps)       (compresses ~7 decades)
+        - {step: normalise, mode: standard}   # per-cell (x - mean) / std
+      conditions:
+        energy: {step: log_scale}     # log10 E mapped onto [0, 1] over the training range
+      nonnegative: true               # clamp the physical output at 0 (energies)
 
-Every step is invertible, so metrics and generated files are always in MeV: the
-inverse is ``voxel = E_inc * (exp(v) - eps)``, clamped at 0 (a generator may emit
-values below ``log(eps)``, i.e. a voxel a bit below zero energy, which is zero).
-
-The condition given to a model is ``log10(E_inc)`` mapped linearly onto [0, 1] over
-the training range. The transform is an ``nn.Module`` whose fitted statistics are
-buffers: it is saved in checkpoints and travels inside the exported generator.
+Steps are chosen by name from :data:`STEPS` / :data:`COND_STEPS` (a plain description, never an
+import path, so a config read back from a checkpoint cannot name arbitrary code). Every step is
+fitted on the training split, keeps its statistics in buffers (saved in checkpoints, carried by the
+exported generator) and has an exact inverse. The CaloChallenge preset above reproduces the
+original caloexp preprocessing bit for bit.
 """
 from __future__ import annotations
 
 import math
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -25,81 +28,468 @@ from torch import nn
 
 from caloexp.errors import ConfigError
 
+Tensor = torch.Tensor
 
-class ShowerTransform(nn.Module):
-    """Invertible map showers (MeV) <-> network space, plus the energy condition."""
 
-    def __init__(self, n_voxels: int, energy_scale: bool = True, log_eps: float | None = 1e-7,
-                 normalize: str = "standard", output_range: tuple[float, float] | None = None):
+def _bcast(c: Tensor, x: Tensor) -> Tensor:
+    """A per-event value (N,) or (N, 1) shaped to broadcast over x's event dimensions."""
+    return c.reshape(len(c), *([1] * (x.dim() - 1))).to(x.dtype)
+
+
+class Step(nn.Module):
+    """One invertible event step. ``fit`` sees the data as it arrives at this step (float64)."""
+
+    name = ""
+
+    def __init__(self, event_shape: tuple[int, ...]):
         super().__init__()
-        if normalize not in ("standard", "minmax", "none"):
-            raise ConfigError(f"data.transform.normalize={normalize!r}: choose standard, minmax or none")
-        if output_range is not None:
-            normalize = "minmax"  # the generator's output range decides the data range
-        if log_eps is not None and log_eps <= 0:
-            raise ConfigError(f"data.transform.log_eps={log_eps}: must be > 0 (or null for no log)")
-        self.energy_scale = energy_scale
-        self.log_eps = log_eps
-        self.normalize = normalize
-        lo, hi = output_range if output_range is not None else (-1.0, 1.0)
-        self.register_buffer("shift", torch.zeros(n_voxels))
-        self.register_buffer("scale", torch.ones(n_voxels))
-        self.register_buffer("range", torch.tensor([float(lo), float(hi)]))
-        self.register_buffer("log_e_range", torch.tensor([math.log10(256.0), math.log10(4.2e6)]))
+        self.event_shape = tuple(event_shape)
 
-    # ----------------------------------------------------------------- fit
-    @torch.no_grad()
-    def fit(self, showers: np.ndarray | torch.Tensor, energies: np.ndarray | torch.Tensor) -> "ShowerTransform":
-        """Fit the normalisation and the energy range on (a sample of) training showers."""
-        showers = torch.as_tensor(np.asarray(showers), dtype=torch.float64)
-        energies = torch.as_tensor(np.asarray(energies), dtype=torch.float64).reshape(-1)
-        log_e = torch.log10(energies)
-        lo_e, hi_e = float(log_e.min()), float(log_e.max())
-        if hi_e - lo_e < 1e-6:  # a single energy: avoid a zero-width range
-            lo_e, hi_e = lo_e - 0.5, hi_e + 0.5
-        self.log_e_range.copy_(torch.tensor([lo_e, hi_e]))
+    def settings(self) -> dict[str, Any]:
+        return {}
+
+    def fit(self, x: Tensor, cond: Mapping[str, Tensor]) -> None:
+        pass
+
+    def forward(self, x: Tensor, cond: Mapping[str, Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    def inverse(self, x: Tensor, cond: Mapping[str, Tensor]) -> Tensor:
+        raise NotImplementedError
+
+
+class EnergyFraction(Step):
+    """x / c[key] (a per-event scale, e.g. the incident energy): showers become energy fractions."""
+
+    name = "energy_fraction"
+
+    def __init__(self, event_shape, key: str = "energy", factor: float = 1.0):
+        super().__init__(event_shape)
+        self.key, self.factor = str(key), float(factor)
+
+    def settings(self):
+        return {"key": self.key, "factor": self.factor}
+
+    def _scale(self, x, cond):
+        if self.key not in cond:
+            raise ConfigError(f"transform step energy_fraction: condition '{self.key}' not in the data "
+                              f"(conditions: {sorted(cond)})")
+        return _bcast(cond[self.key], x) * self.factor
+
+    def forward(self, x, cond):
+        return x / self._scale(x, cond)
+
+    def inverse(self, x, cond):
+        return x * self._scale(x, cond)
+
+
+class Log(Step):
+    """log(x + eps); the inverse exp(v) - eps may dip slightly below 0 (clamped at the chain's end)."""
+
+    name = "log"
+
+    def __init__(self, event_shape, eps: float = 1e-7):
+        super().__init__(event_shape)
+        if not eps > 0:
+            raise ConfigError(f"transform step log: eps={eps} must be > 0")
+        self.eps = float(eps)
+
+    def settings(self):
+        return {"eps": self.eps}
+
+    def forward(self, x, cond):
+        return torch.log(x + self.eps)
+
+    def inverse(self, x, cond):
+        return torch.exp(x) - self.eps
+
+
+class Logit(Step):
+    """logit(alpha + (1 - 2 alpha) x) for x in [0, 1] (e.g. energy fractions); inverse sigmoid."""
+
+    name = "logit"
+
+    def __init__(self, event_shape, alpha: float = 1e-6):
+        super().__init__(event_shape)
+        if not 0 < alpha < 0.5:
+            raise ConfigError(f"transform step logit: alpha={alpha} must be in (0, 0.5)")
+        self.alpha = float(alpha)
+
+    def settings(self):
+        return {"alpha": self.alpha}
+
+    def forward(self, x, cond):
+        u = self.alpha + (1 - 2 * self.alpha) * x.clamp(0, 1)
+        return torch.log(u) - torch.log1p(-u)
+
+    def inverse(self, x, cond):
+        return (torch.sigmoid(x) - self.alpha) / (1 - 2 * self.alpha)
+
+
+class Power(Step):
+    """sign(x)|x|^p (3DGAN uses p = 0.85 on cell energies); inverse with 1/p."""
+
+    name = "power"
+
+    def __init__(self, event_shape, p: float = 0.5):
+        super().__init__(event_shape)
+        if not p > 0:
+            raise ConfigError(f"transform step power: p={p} must be > 0")
+        self.p = float(p)
+
+    def settings(self):
+        return {"p": self.p}
+
+    def forward(self, x, cond):
+        return torch.sign(x) * x.abs() ** self.p
+
+    def inverse(self, x, cond):
+        return torch.sign(x) * x.abs() ** (1.0 / self.p)
+
+
+class Scale(Step):
+    """x * factor (e.g. GeV -> a network-friendly scale)."""
+
+    name = "scale"
+
+    def __init__(self, event_shape, factor: float = 1.0):
+        super().__init__(event_shape)
+        if not factor or not math.isfinite(factor):
+            raise ConfigError(f"transform step scale: factor={factor} must be finite and non-zero")
+        self.factor = float(factor)
+
+    def settings(self):
+        return {"factor": self.factor}
+
+    def forward(self, x, cond):
+        return x * self.factor
+
+    def inverse(self, x, cond):
+        return x / self.factor
+
+
+class Normalise(Step):
+    """Per-cell (or global) standardisation, or a min/max map onto ``range`` (a generator's output range)."""
+
+    name = "normalise"
+
+    def __init__(self, event_shape, mode: str = "standard", per: str = "cell",
+                 range: Sequence[float] = (-1.0, 1.0)):  # noqa: A002 - the config's word
+        super().__init__(event_shape)
+        if mode not in ("standard", "minmax", "none"):
+            raise ConfigError(f"transform step normalise: mode={mode!r}: choose standard, minmax or none")
+        if per not in ("cell", "global"):
+            raise ConfigError(f"transform step normalise: per={per!r}: choose cell or global")
+        lo, hi = (float(v) for v in range)
+        if not hi > lo:
+            raise ConfigError(f"transform step normalise: range={list(range)} must be increasing")
+        self.mode, self.per = mode, per
+        self.register_buffer("shift", torch.zeros(self.event_shape))
+        self.register_buffer("scale", torch.ones(self.event_shape))
+        self.register_buffer("range", torch.tensor([lo, hi]))
+
+    def settings(self):
+        return {"mode": self.mode, "per": self.per, "range": [float(v) for v in self.range]}
+
+    def fit(self, x, cond):
+        dims = 0 if self.per == "cell" else tuple(range(x.dim()))
         self.shift.fill_(0.0)
         self.scale.fill_(1.0)
-        v = self._pre(showers, energies)
-        if self.normalize == "standard":
-            self.shift.copy_(v.mean(0))
-            self.scale.copy_(v.std(0).clamp_min(1e-6))
-        elif self.normalize == "minmax":
-            vmin, vmax = v.min(0).values, v.max(0).values
+        if self.mode == "standard":
+            self.shift.copy_(x.mean(dims).expand(self.event_shape))
+            self.scale.copy_(x.std(dims).clamp_min(1e-6).expand(self.event_shape))
+        elif self.mode == "minmax":
+            vmin = x.amin(dim=dims) if dims == 0 else x.min()
+            vmax = x.amax(dim=dims) if dims == 0 else x.max()
             lo, hi = float(self.range[0]), float(self.range[1])
-            # v -> lo + (v - vmin) / (vmax - vmin) * (hi - lo)   written as (v - shift) / scale
-            width = (vmax - vmin).clamp_min(1e-6)
-            self.scale.copy_(width / (hi - lo))
-            self.shift.copy_(vmin - lo * self.scale)
+            # v -> lo + (v - vmin) / (vmax - vmin) * (hi - lo), written as (v - shift) / scale
+            scale = (vmax - vmin).clamp_min(1e-6) / (hi - lo)
+            self.scale.copy_(scale.expand(self.event_shape))
+            self.shift.copy_((vmin - lo * scale).expand(self.event_shape))
+
+    def forward(self, x, cond):
+        return (x - self.shift) / self.scale
+
+    def inverse(self, x, cond):
+        return x * self.scale + self.shift
+
+
+STEPS: dict[str, type[Step]] = {c.name: c for c in (EnergyFraction, Log, Logit, Power, Scale, Normalise)}
+
+
+# ------------------------------------------------------------------ conditions
+class CondStep(nn.Module):
+    """Maps one physical condition (N,) or (N, k) to network inputs (N, out_dim)."""
+
+    name = ""
+
+    def __init__(self, in_dim: int = 1):
+        super().__init__()
+        self.in_dim = int(in_dim)
+
+    @property
+    def out_dim(self) -> int:
+        return self.in_dim
+
+    def settings(self) -> dict[str, Any]:
+        return {}
+
+    def fit(self, c: Tensor) -> None:
+        pass
+
+    def forward(self, c: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+class LogScale(CondStep):
+    """log10(c) mapped linearly onto [0, 1] over the training range (incident energies)."""
+
+    name = "log_scale"
+
+    def __init__(self, in_dim: int = 1):
+        super().__init__(in_dim)
+        self.register_buffer("lo_hi", torch.tensor([[math.log10(256.0)], [math.log10(4.2e6)]]).repeat(1, self.in_dim))
+
+    def fit(self, c):
+        if (c <= 0).any():
+            raise ConfigError("condition transform log_scale: the condition has values <= 0 (use linear)")
+        v = torch.log10(c.reshape(len(c), -1))
+        lo, hi = v.min(0).values, v.max(0).values
+        narrow = (hi - lo) < 1e-6  # a single value: avoid a zero-width range
+        self.lo_hi.copy_(torch.stack([torch.where(narrow, lo - 0.5, lo), torch.where(narrow, hi + 0.5, hi)]))
+
+    def forward(self, c):
+        v = torch.log10(c.reshape(len(c), -1).to(self.lo_hi.dtype))
+        return (v - self.lo_hi[0]) / (self.lo_hi[1] - self.lo_hi[0])
+
+
+class Linear(LogScale):
+    """c mapped linearly onto [0, 1] over the training range (angles, positions, any sign)."""
+
+    name = "linear"
+
+    def fit(self, c):
+        v = c.reshape(len(c), -1)
+        lo, hi = v.min(0).values, v.max(0).values
+        narrow = (hi - lo) < 1e-12
+        self.lo_hi.copy_(torch.stack([torch.where(narrow, lo - 0.5, lo), torch.where(narrow, hi + 0.5, hi)]))
+
+    def forward(self, c):
+        v = c.reshape(len(c), -1).to(self.lo_hi.dtype)
+        return (v - self.lo_hi[0]) / (self.lo_hi[1] - self.lo_hi[0])
+
+
+class Standardise(CondStep):
+    """(c - mean) / std per column (particle-property vectors)."""
+
+    name = "standardise"
+
+    def __init__(self, in_dim: int = 1):
+        super().__init__(in_dim)
+        self.register_buffer("mean", torch.zeros(self.in_dim))
+        self.register_buffer("std", torch.ones(self.in_dim))
+
+    def fit(self, c):
+        v = c.reshape(len(c), -1)
+        self.mean.copy_(v.mean(0))
+        self.std.copy_(v.std(0).clamp_min(1e-12) if len(v) > 1 else torch.ones_like(self.std))
+
+    def forward(self, c):
+        return (c.reshape(len(c), -1).to(self.mean.dtype) - self.mean) / self.std
+
+
+class OneHot(CondStep):
+    """Integer class label -> one-hot vector of ``n_classes`` (fitted from the data when null)."""
+
+    name = "one_hot"
+
+    def __init__(self, in_dim: int = 1, n_classes: int | None = None):
+        super().__init__(in_dim)
+        if in_dim != 1:
+            raise ConfigError(f"condition transform one_hot needs a single label column (got {in_dim})")
+        if n_classes is not None and n_classes < 1:
+            raise ConfigError(f"condition transform one_hot: n_classes={n_classes} must be >= 1")
+        self.n_classes = n_classes
+
+    @property
+    def out_dim(self) -> int:
+        if self.n_classes is None:
+            raise ConfigError("condition transform one_hot: n_classes unknown before fitting")
+        return int(self.n_classes)
+
+    def settings(self):
+        return {"n_classes": self.n_classes}
+
+    def fit(self, c):
+        v = c.reshape(-1)
+        if (v < 0).any() or (v != v.round()).any():
+            raise ConfigError("condition transform one_hot: labels must be integers >= 0")
+        seen = int(v.max()) + 1 if len(v) else 1
+        if self.n_classes is None:
+            self.n_classes = seen
+        elif seen > self.n_classes:
+            raise ConfigError(f"condition transform one_hot: label {seen - 1} >= n_classes={self.n_classes}")
+
+    def forward(self, c):
+        v = c.reshape(-1).long()
+        if len(v) and (int(v.min()) < 0 or int(v.max()) >= self.out_dim):
+            raise ConfigError(f"label out of range 0..{self.out_dim - 1}")
+        return torch.nn.functional.one_hot(v, self.out_dim).float()
+
+
+class Identity(CondStep):
+    name = "identity"
+
+    def forward(self, c):
+        return c.reshape(len(c), -1).float()
+
+
+COND_STEPS: dict[str, type[CondStep]] = {c.name: c for c in (LogScale, Linear, Standardise, OneHot, Identity)}
+
+
+# ----------------------------------------------------------------------- chain
+def _parse(entry: Any, registry: Mapping[str, type], where: str) -> tuple[type, dict[str, Any]]:
+    entry = {"step": entry} if isinstance(entry, str) else dict(entry)
+    name = entry.pop("step", None)
+    if name not in registry:
+        raise ConfigError(f"{where}: unknown step {name!r}; choose one of {sorted(registry)}")
+    return registry[name], entry
+
+
+class Transform(nn.Module):
+    """Event steps + condition steps; physical (x, cond) <-> network (x, cond vector), exactly invertible."""
+
+    def __init__(self, event_shape: Sequence[int], steps: Sequence[Any] = (),
+                 conditions: Mapping[str, Any] | None = None, cond_dims: Mapping[str, int] | None = None,
+                 nonnegative: bool = True, output_range: Sequence[float] | None = None):
+        super().__init__()
+        self.event_shape = tuple(int(d) for d in event_shape)
+        self.nonnegative = bool(nonnegative)
+        self._entries = list(steps)
+        self.steps = self._build_steps(output_range)
+        self.cond_steps = nn.ModuleDict()
+        for name, entry in (conditions or {}).items():
+            cls, kwargs = _parse(entry, COND_STEPS, f"data.transform.conditions.{name}")
+            try:
+                self.cond_steps[name] = cls(in_dim=int((cond_dims or {}).get(name, 1)), **kwargs)
+            except TypeError as exc:
+                raise ConfigError(f"data.transform.conditions.{name} ({cls.name}): {exc}") from None
+
+    def _build_steps(self, output_range: Sequence[float] | None) -> nn.ModuleList:
+        built: list[Step] = []
+        for i, entry in enumerate(self._entries):
+            cls, kwargs = _parse(entry, STEPS, f"data.transform.steps[{i}]")
+            if cls is Normalise and output_range is not None:
+                kwargs = dict(kwargs, mode="minmax", range=list(output_range))  # the generator's range decides
+            try:
+                built.append(cls(self.event_shape, **kwargs))
+            except TypeError as exc:
+                raise ConfigError(f"data.transform.steps[{i}] ({cls.name}): {exc}") from None
+        if output_range is not None and not any(isinstance(s, Normalise) for s in built):
+            built.append(Normalise(self.event_shape, mode="minmax", range=list(output_range)))
+        return nn.ModuleList(built)
+
+    def use_output_range(self, output_range: Sequence[float] | None) -> "Transform":
+        """Map the data onto a generator's output range (e.g. [-1, 1] for tanh); call before :meth:`fit`."""
+        if output_range is not None:
+            self.steps = self._build_steps(output_range)
         return self
 
-    # ------------------------------------------------------------- forward
-    def _pre(self, showers: torch.Tensor, energies: torch.Tensor) -> torch.Tensor:
-        u = showers / energies.reshape(-1, 1) if self.energy_scale else showers
-        return torch.log(u + self.log_eps) if self.log_eps is not None else u
+    # ----------------------------------------------------------------- spec
+    def spec(self) -> dict[str, Any]:
+        """A plain description (no code) from which :meth:`from_spec` rebuilds this transform."""
+        return {"event_shape": list(self.event_shape), "nonnegative": self.nonnegative,
+                "steps": [dict(step=s.name, **s.settings()) for s in self.steps],
+                "conditions": {k: dict(step=s.name, **s.settings()) for k, s in self.cond_steps.items()},
+                "cond_dims": {k: s.in_dim for k, s in self.cond_steps.items()}}
 
-    def forward(self, showers: torch.Tensor, energies: torch.Tensor) -> torch.Tensor:
-        """Showers in MeV (N, V) -> network space (N, V)."""
-        v = self._pre(showers.to(self.shift.dtype), energies.to(self.shift.dtype))
-        return (v - self.shift) / self.scale
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any]) -> "Transform":
+        return cls(spec["event_shape"], spec["steps"], spec["conditions"], spec.get("cond_dims"),
+                   nonnegative=spec.get("nonnegative", True))
 
-    def inverse(self, x: torch.Tensor, energies: torch.Tensor) -> torch.Tensor:
-        """Network space (N, V) -> showers in MeV, non-negative."""
-        v = x.to(self.shift.dtype) * self.scale + self.shift
-        u = torch.exp(v) - self.log_eps if self.log_eps is not None else v
-        out = u * energies.to(u.dtype).reshape(-1, 1) if self.energy_scale else u
-        return out.clamp_min(0.0)
+    @property
+    def cond_names(self) -> list[str]:
+        return list(self.cond_steps.keys())
 
-    def condition(self, energies: torch.Tensor) -> torch.Tensor:
-        """Incident energy (MeV) -> model condition (N, 1): log10(E) scaled to [0, 1] on the training range."""
-        lo, hi = self.log_e_range[0], self.log_e_range[1]
-        return ((torch.log10(energies.to(self.shift.dtype)) - lo) / (hi - lo)).reshape(-1, 1)
+    @property
+    def cond_dim(self) -> int:
+        return sum(s.out_dim for s in self.cond_steps.values())
+
+    @property
+    def device(self) -> torch.device:
+        b = next(iter(self.buffers()), None)
+        return b.device if b is not None else torch.device("cpu")
+
+    # ------------------------------------------------------------------ fit
+    @torch.no_grad()
+    def fit_conditions(self, cond: Mapping[str, np.ndarray | Tensor]) -> "Transform":
+        for name, step in self.cond_steps.items():
+            if name not in cond:
+                raise ConfigError(f"data.transform.conditions.{name}: no such condition in the data "
+                                  f"(conditions: {sorted(cond)})")
+            step.fit(torch.as_tensor(np.asarray(cond[name]), dtype=torch.float64))
+        return self
+
+    @torch.no_grad()
+    def fit(self, x: np.ndarray | Tensor, cond: Mapping[str, np.ndarray | Tensor]) -> "Transform":
+        """Fit every event step in order on (a sample of) the training data, in float64."""
+        v = torch.as_tensor(np.asarray(x), dtype=torch.float64)
+        c = {k: torch.as_tensor(np.asarray(val), dtype=torch.float64) for k, val in cond.items()}
+        for step in self.steps:
+            step.fit(v, c)
+            v = _apply64(step, v, c)
+        return self
+
+    # -------------------------------------------------------------- forward
+    def forward(self, x: Tensor, cond: Mapping[str, Tensor]) -> Tensor:
+        """Physical events (N, *event_shape) -> network space (float32)."""
+        v = x.to(torch.float32)
+        c = {k: t.to(v.device) for k, t in cond.items()}
+        for step in self.steps:
+            v = step(v, c)
+        return v
+
+    def inverse(self, x: Tensor, cond: Mapping[str, Tensor]) -> Tensor:
+        """Network space -> physical events, clamped at 0 for energies (``nonnegative``)."""
+        v = x.to(torch.float32).reshape(len(x), *self.event_shape)
+        c = {k: t.to(v.device) for k, t in cond.items()}
+        for step in reversed(self.steps):
+            v = step.inverse(v, c)
+        return v.clamp_min(0.0) if self.nonnegative else v
+
+    def condition(self, cond: Mapping[str, Tensor]) -> Tensor:
+        """Physical conditions -> the model's condition vector (N, cond_dim), in ``cond_names`` order."""
+        missing = [k for k in self.cond_steps if k not in cond]
+        if missing:
+            raise ConfigError(f"missing condition(s) {missing}; this model needs {self.cond_names}")
+        parts = [step(torch.as_tensor(cond[k], device=self.device)).to(torch.float32)
+                 for k, step in self.cond_steps.items()]
+        n = len(next(iter(cond.values()))) if cond else 0
+        return torch.cat(parts, dim=1) if parts else torch.zeros(n, 0, device=self.device)
 
     # numpy conveniences for I/O code
-    def to_network(self, showers: np.ndarray, energies: np.ndarray) -> np.ndarray:
+    def to_network(self, x: np.ndarray, cond: Mapping[str, np.ndarray]) -> np.ndarray:
         with torch.no_grad():
-            return self(torch.as_tensor(showers), torch.as_tensor(energies)).numpy()
+            return self(torch.as_tensor(x), {k: torch.as_tensor(v) for k, v in cond.items()}).cpu().numpy()
 
-    def to_physical(self, x: np.ndarray, energies: np.ndarray) -> np.ndarray:
+    def to_physical(self, x: np.ndarray, cond: Mapping[str, np.ndarray]) -> np.ndarray:
         with torch.no_grad():
-            return self.inverse(torch.as_tensor(x), torch.as_tensor(energies)).numpy()
+            return self.inverse(torch.as_tensor(x), {k: torch.as_tensor(v) for k, v in cond.items()}).cpu().numpy()
+
+
+def _apply64(step: Step, v: Tensor, c: Mapping[str, Tensor]) -> Tensor:
+    """Run a fitted step in float64 (its buffers are float32; fitting the next step needs the data)."""
+    saved = {n: b for n, b in step.named_buffers()}
+    for n, b in saved.items():
+        setattr(step, n, b.to(torch.float64))
+    try:
+        return step(v, c)
+    finally:
+        for n, b in saved.items():
+            setattr(step, n, b)
+
+
+# The CaloChallenge preprocessing (the original caloexp ShowerTransform): voxel/E_inc -> log -> standardise
+CALO_STEPS = [{"step": "energy_fraction"}, {"step": "log", "eps": 1e-7}, {"step": "normalise", "mode": "standard"}]
+CALO_CONDITIONS = {"energy": {"step": "log_scale"}}

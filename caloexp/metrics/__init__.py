@@ -102,3 +102,34 @@ def _finite(v: float) -> float:
 
 
 __all__ = ["ALL", "FAST", "Features", "default_threshold", "evaluate"]
+
+
+def evaluate_sample(reference, generated, geometry: Geometry | None = None, groups: Sequence[str] | None = None,
+                    classifier: dict | None = None, seed: int = 0) -> dict[str, float]:
+    """Metrics of the data's kind for two :class:`~caloexp.data.sample.Sample` objects (training's entry)."""
+    kind = getattr(reference, "kind", "calo")
+    if kind == "calo":
+        return evaluate(reference, generated, geometry, groups=FAST if groups is None else groups,
+                        classifier=classifier, seed=seed)
+    # generic moments until the registry's kind-specific groups land
+    r = np.asarray(reference.x, np.float64).reshape(len(reference), -1)
+    g = np.asarray(generated.x, np.float64).reshape(len(generated), -1)
+    sr, sg = r.sum(1), g.sum(1)
+    edges = np.histogram_bin_edges(np.concatenate([sr, sg]), bins=30)
+    hr, _ = np.histogram(sr, edges)
+    hg, _ = np.histogram(sg, edges)
+    hr, hg = hr / max(hr.sum(), 1), hg / max(hg.sum(), 1)
+    sep = 0.5 * float(np.sum(np.where(hr + hg > 0, (hr - hg) ** 2 / np.maximum(hr + hg, 1e-300), 0.0)))
+    scale = r.std(0) + 1e-12
+    return {"sep/sum": sep, "sep/mean": sep, "moments/mean_dev": float(np.mean(np.abs(r.mean(0) - g.mean(0)) / scale))}
+
+
+def metric_names(sample, geometry: Geometry | None = None, groups: Sequence[str] | None = None) -> set[str]:
+    """Names the groups compute on data like ``sample`` (a cheap dry run on the sample against itself)."""
+    cheap = None if groups is None else [g for g in groups if g not in ("classifier", "fpd_kpd")]
+    names = set(evaluate_sample(sample, sample, geometry, cheap or None) if cheap != [] else {})
+    if groups and "fpd_kpd" in groups:
+        names |= {"fpd", "fpd_err", "kpd", "kpd_err"}
+    if groups and "classifier" in groups:
+        names |= {f"cls/{p}_{i}" for p in ("auc", "jsd") for i in ("low", "low_normed", "high")}
+    return names

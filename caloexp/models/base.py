@@ -1,54 +1,60 @@
-"""The interface every model family implements, and the generator that gets exported.
+"""The interface every model family implements.
 
-The training loop (:mod:`caloexp.train`) only ever calls:
+The trainer (:mod:`caloexp.train`) only ever calls:
 
-* ``model.roles``                       - names of parameter groups that get an optimizer
-* ``model.parameters_for(role)``
-* ``model.training_step(batch, step, optimizers)`` - one step of the family's own update order
-* ``model.sampler()``                   - an ``nn.Module`` with ``sample(cond, rng)`` for generation
+* ``model.roles``, ``model.parameters_for(role)``, ``model.module_for(role)`` - parameter groups with
+  an optimiser each (any names); ``model.ema`` - ``{role: decay}`` for weights to average
+* ``model.training_step(batch, step, optim)`` - the family's maths; ``optim.step(role, loss)`` does
+  backward, scaling, clipping, the optimiser step, gradient sync and EMA (:class:`caloexp.optim.Optim`)
+* ``model.sampler()`` - an ``nn.Module`` with ``sample(cond, rng, **options)`` for generation
 
-Data of any shape fits: ``data_shape`` is ``(n_voxels,)`` for CaloChallenge vectors,
-``(25, 51, 51)`` for 3DGAN ECAL grids, ``(n_features,)`` for tabular physics variables;
-``cond_dim`` counts condition inputs (log-energy, angle, one-hot particle class, ...).
+A family with one loss per role only writes :meth:`GenerativeModel.losses`; the default
+``training_step`` then steps every role on its loss. Nets are built from ``(data_shape, cond_dim)``,
+so MLPs, 2D and 3D conv nets all fit (see :mod:`caloexp.models.nets`).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
-from caloexp.data.transforms import ShowerTransform
+from caloexp.data.sample import Batch
 from caloexp.errors import ConfigError
 
-
-@dataclass
-class Batch:
-    """One training batch in network space: data ``x`` (B, *data_shape) and condition ``cond`` (B, cond_dim)."""
-
-    x: torch.Tensor
-    cond: torch.Tensor
+Losses = dict[str, torch.Tensor]
 
 
 class GenerativeModel(nn.Module):
-    """Base class: holds the data shape and condition size, and the RNG used for noise."""
+    """Base class: data shape, condition size, the noise RNG, role bookkeeping."""
 
     roles: tuple[str, ...] = ("generator",)
 
-    def __init__(self, data_shape: tuple[int, ...], cond_dim: int):
+    def __init__(self, data_shape: tuple[int, ...], cond_dim: int, ema: dict[str, float] | None = None):
         super().__init__()
         self.data_shape = tuple(int(d) for d in data_shape)
         self.data_dim = int(math.prod(self.data_shape))
         self.cond_dim = int(cond_dim)
-        self.rng: torch.Generator | None = None  # set by the trainer; checkpointed
+        self.ema = dict(ema or {})
+        self.rng: torch.Generator | None = None  # set by the trainer (seeded per rank); checkpointed
+
+    def module_for(self, role: str) -> nn.Module:
+        return getattr(self, role)
 
     def parameters_for(self, role: str) -> Iterable[nn.Parameter]:
-        return getattr(self, role).parameters()
+        return self.module_for(role).parameters()
 
-    def training_step(self, batch: Batch, step: int, optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, torch.Tensor]:
+    def losses(self, batch: Batch, step: int) -> tuple[Losses, dict[str, torch.Tensor]]:
+        """``({role: loss}, logs)`` for families with one loss per role and step."""
         raise NotImplementedError
+
+    def training_step(self, batch: Batch, step: int, optim) -> dict[str, torch.Tensor]:
+        with optim.autocast():
+            losses, logs = self.losses(batch, step)
+        for role, loss in losses.items():
+            optim.step(role, loss)
+        return {**{f"loss/{r}": v.detach() for r, v in losses.items()}, **logs}
 
     def sampler(self) -> nn.Module:
         raise NotImplementedError
@@ -60,47 +66,95 @@ class GenerativeModel(nn.Module):
 
 
 class LatentSampler(nn.Module):
-    """A conditional generator net plus its latent prior: ``sample(cond) -> x`` in network space."""
+    """A conditional generator net plus its Gaussian latent prior: ``sample(cond) -> x``."""
 
-    def __init__(self, net: nn.Module, latent_dim: int, data_shape: tuple[int, ...], conditional: bool):
+    def __init__(self, net: nn.Module, latent_dim: int, conditional: bool):
         super().__init__()
         self.net = net
         self.latent_dim = latent_dim
-        self.data_shape = tuple(data_shape)
         self.conditional = conditional
 
     def forward(self, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        inp = torch.cat([z, cond], dim=1) if self.conditional else z
-        return self.net(inp).reshape(len(z), *self.data_shape)
+        return self.net(z, cond if self.conditional else cond[:, :0])
 
-    def sample(self, cond: torch.Tensor, rng: torch.Generator | None = None) -> torch.Tensor:
+    def sample(self, cond: torch.Tensor, rng: torch.Generator | None = None, **options: Any) -> torch.Tensor:
+        if options:
+            raise ConfigError(f"this sampler takes no options (got {sorted(options)})")
         z = torch.randn(len(cond), self.latent_dim, generator=rng, device=cond.device, dtype=cond.dtype)
         return self(z, cond)
 
 
 class AdversarialModel(GenerativeModel):
-    """Shared parts of GAN families: a generator net, a critic net, noise, freezing."""
+    """The GAN training step as a template; families fill in the hooks where their maths differs.
+
+    Per step: ``critic_steps`` critic updates for each generator update, counted by step::
+
+        critic:    critic_loss(real_out, fake_out, batch, fake) + aux_loss(real_out, batch)
+        generator: generator_loss(fake_out, batch, fake) + aux_loss(fake_out, batch)   (critic frozen)
+
+    The critic net returns ``(B, 1 + n_aux)``: column 0 is the real/fake score, the others are
+    auxiliary heads (e.g. 3DGAN's energy and angle regressions), which ``aux_loss`` uses.
+    """
 
     roles = ("generator", "critic")
 
     def __init__(self, data_shape: tuple[int, ...], cond_dim: int, generator: Callable[..., nn.Module],
-                 critic: Callable[..., nn.Module], latent_dim: int = 128, conditional: bool = True):
-        super().__init__(data_shape, cond_dim)
+                 critic: Callable[..., nn.Module], latent_dim: int = 128, conditional: bool = True,
+                 critic_steps: int = 1, n_aux: int = 0, ema: dict[str, float] | None = None):
+        super().__init__(data_shape, cond_dim, ema)
         if latent_dim < 1:
             raise ConfigError(f"model.latent_dim={latent_dim}: must be >= 1")
+        if critic_steps < 1:
+            raise ConfigError(f"model.critic_steps={critic_steps}: must be >= 1")
         self.latent_dim = int(latent_dim)
         self.conditional = bool(conditional)
+        self.critic_steps = int(critic_steps)
+        self.n_aux = int(n_aux)
         c = self.cond_dim if self.conditional else 0
-        self.generator = LatentSampler(generator(in_dim=self.latent_dim + c, out_dim=self.data_dim),
-                                       self.latent_dim, self.data_shape, self.conditional)
-        self.critic = critic(in_dim=self.data_dim + c, out_dim=1)
+        self.generator = LatentSampler(generator(in_shape=(self.latent_dim,), out_shape=self.data_shape, cond_dim=c),
+                                       self.latent_dim, self.conditional)
+        self.critic = critic(in_shape=self.data_shape, out_shape=(1 + self.n_aux,), cond_dim=c)
 
+    # ---------------------------------------------------------------- hooks
+    def critic_loss(self, real_out: torch.Tensor, fake_out: torch.Tensor, batch: Batch,
+                    fake: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def generator_loss(self, fake_out: torch.Tensor, batch: Batch,
+                       fake: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def aux_loss(self, out: torch.Tensor, batch: Batch, x: torch.Tensor,
+                 real: bool) -> tuple[torch.Tensor | float, dict[str, torch.Tensor]]:
+        """Auxiliary-head losses on critic outputs ``out[:, 1:]`` (none by default)."""
+        return 0.0, {}
+
+    # ------------------------------------------------------------- template
     def criticise(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        x = x.reshape(len(x), -1)
-        return self.critic(torch.cat([x, cond], dim=1) if self.conditional else x).reshape(-1)
+        """Critic outputs (B, 1 + n_aux)."""
+        return self.critic(x, cond if self.conditional else cond[:, :0]).reshape(len(x), -1)
 
     def generate(self, cond: torch.Tensor) -> torch.Tensor:
         return self.generator.sample(cond, self.rng)
+
+    def training_step(self, batch: Batch, step: int, optim) -> dict[str, torch.Tensor]:
+        with optim.autocast():
+            with torch.no_grad():
+                fake = self.generate(batch.cond)
+            real_out, fake_out = self.criticise(batch.x, batch.cond), self.criticise(fake, batch.cond)
+            loss_c, logs = self.critic_loss(real_out, fake_out, batch, fake)
+            aux, aux_logs = self.aux_loss(real_out, batch, batch.x, real=True)
+        optim.step("critic", loss_c + aux)
+        out = {"loss/critic": loss_c.detach(), **logs, **{f"{k}/real": v for k, v in aux_logs.items()}}
+        if (step + 1) % self.critic_steps == 0:
+            with optim.frozen("critic"), optim.autocast():
+                fake = self.generate(batch.cond)
+                fake_out = self.criticise(fake, batch.cond)
+                loss_g, glogs = self.generator_loss(fake_out, batch, fake)
+                aux, aux_logs = self.aux_loss(fake_out, batch, fake, real=False)
+            optim.step("generator", loss_g + aux)
+            out.update({"loss/generator": loss_g.detach(), **glogs, **{f"{k}/fake": v for k, v in aux_logs.items()}})
+        return out
 
     def sampler(self) -> nn.Module:
         return self.generator
@@ -108,40 +162,3 @@ class AdversarialModel(GenerativeModel):
     @property
     def output_range(self) -> tuple[float, float] | None:
         return getattr(self.generator.net, "output_range", None)
-
-    @staticmethod
-    def set_trainable(module: nn.Module, flag: bool) -> None:
-        for p in module.parameters():
-            p.requires_grad_(flag)
-
-    def update_generator(self, cond: torch.Tensor, optimizer: torch.optim.Optimizer,
-                         loss_of_score: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """One generator step on ``loss_of_score(critic(G(z, cond)))``, the critic frozen meanwhile."""
-        self.set_trainable(self.critic, False)
-        loss = loss_of_score(self.criticise(self.generate(cond), cond))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        self.set_trainable(self.critic, True)
-        return loss.detach()
-
-
-class ShowerGenerator(nn.Module):
-    """The exported, self-contained generator: incident energies (MeV) -> showers (MeV).
-
-    It bundles the model's sampler with the fitted data transform, so a user of the
-    MLflow model (``mlflow.pytorch.load_model``) or of a checkpoint needs nothing else.
-    """
-
-    def __init__(self, sampler: nn.Module, transform: ShowerTransform):
-        super().__init__()
-        self.sampler = sampler
-        self.transform = transform
-
-    @torch.no_grad()
-    def forward(self, energies: torch.Tensor, rng: torch.Generator | None = None) -> torch.Tensor:
-        energies = energies.reshape(-1).to(self.transform.shift.device)
-        dtype = next(self.sampler.parameters()).dtype
-        cond = self.transform.condition(energies).to(dtype)
-        x = self.sampler.sample(cond, rng)
-        return self.transform.inverse(x.reshape(len(x), -1), energies).to(torch.float32)

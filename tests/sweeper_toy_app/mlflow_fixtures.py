@@ -26,8 +26,8 @@ EXPERIMENT = "sweep_e2e"
 STUDY = "wgangp_lr_e2e"
 # a few steps on a small slice of the embedded photons: seconds per trial on a CPU
 TINY = ["trainer.max_steps=6", "trainer.eval_every=6", "trainer.log_every=3", "trainer.checkpoint_every=6",
-        "trainer.num_threads=1", "data.n_showers=1200", "data.eval_showers=300", "data.batch_size=64",
-        "model.generator.width=32", "model.critic.width=32", "model.latent_dim=16", "model.n_critic=1"]
+        "trainer.num_threads=1", "data.n_showers=1200", "data.eval_events=300", "data.batch_size=64",
+        "model.generator.width=32", "model.critic.width=32", "model.latent_dim=16", "model.critic_steps=1"]
 
 
 @dataclass
