@@ -63,14 +63,21 @@ def test_bad_data_file(tmp_path, defect, match):
     assert str(path) in line and match in line
 
 
-def test_failure_mid_run_marks_run_failed_and_keeps_its_metrics(tmp_path):
-    r = run_cli(["caloexp.train", *SMALL, "trainer.eval_every=10", "trainer.monitor=no/such_metric"], cwd=tmp_path)
-    assert r.returncode == 2
-    assert "trainer.monitor='no/such_metric'" in one_error_line(r.stderr)
+@pytest.mark.parametrize("override, match", [
+    ("trainer.monitor=no/such_metric", "trainer.monitor='no/such_metric'"),
+    ("trainer.eval_every=0", "trainer.eval_every=0"), ("trainer.max_steps=-1", "trainer.max_steps=-1"),
+    ("trainer.precision=16", "trainer.precision=16"), ("model.critic_steps=0", "model.critic_steps=0"),
+    ("model.gp_lambda=-10", "model.gp_lambda=-10"), ("trainer.plot_every=-1", "trainer.plot_every=-1"),
+    ("data.files=[x.hdf5]", "data.files"), ("trainer.device=mps", "trainer.device=mps"),
+    ("trainer.num_threads=-1", "trainer.num_threads=-1"), ("data.eval_events=0", "data.eval_events=0"),
+])
+def test_bad_settings_are_rejected_before_a_run_starts(tmp_path, override, match):
+    r = run_cli(["caloexp.train", *SMALL, override], cwd=tmp_path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert match in one_error_line(r.stderr)
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    (run,) = client.search_runs([client.get_experiment_by_name("caloexp").experiment_id])
-    assert run.info.status == "FAILED"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss/critic")] == [5, 10]
+    exp = client.get_experiment_by_name("caloexp")
+    assert exp is None or not client.search_runs([exp.experiment_id])   # nothing started, nothing left RUNNING
 
 
 def test_diverged_training_is_reported(tmp_path):

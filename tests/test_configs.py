@@ -11,7 +11,10 @@ from omegaconf import open_dict
 
 import caloexp.config  # noqa: F401 - registers schemas
 from caloexp.cli import CONF_DIR
-from caloexp.train import build_optimizer, build_scheduler
+from caloexp.build import instantiate as safe_instantiate
+from caloexp.data.base import DataModule
+from caloexp.models.base import GenerativeModel
+from caloexp.optim import build_optimizer, build_scheduler
 
 
 def options(group: str) -> list[str]:
@@ -41,18 +44,40 @@ def test_model_optimizer_scheduler_build(model, optimizer, scheduler, tmp_path):
     cfg = compose_cfg([f"model={model}", f"optimizer={optimizer}", f"scheduler={scheduler}"], tmp_path)
     net = instantiate(cfg.model, data_shape=(368,), cond_dim=1)
     for role in net.roles:
-        opt = build_optimizer(cfg.optimizer, role, net.parameters_for(role))
+        opt = build_optimizer(cfg.optimizer, role, net.roles, net.parameters_for(role))
         assert opt.param_groups[0]["lr"] == cfg.optimizer[role].lr
         sched = build_scheduler(cfg.scheduler, opt)
         assert (sched is None) == (scheduler == "none")
 
 
-@pytest.mark.parametrize("data", options("data"))
+@pytest.mark.parametrize("data", [d for d in options("data") if d != "arrays"])
 def test_data_configs_compose(data, tmp_path):
     cfg = compose_cfg([f"data={data}"], tmp_path)
-    dm = instantiate(cfg.data)
+    dm = safe_instantiate(cfg.data, "data", DataModule)
     assert dm.geometry.n_voxels in (368, 533, 6480, 40500)
-    assert (dm.source == "embedded") == (data == "embedded")
+    assert (dm.source_kind == "embedded") == (data == "embedded")
+    assert dm.streaming == (data == "dataset3")   # 8 GB files are streamed
+
+
+def test_arrays_config_needs_files(tmp_path):
+    cfg = compose_cfg(["data=arrays", "data.files=[a.h5]", "data.kind=tabular"], tmp_path)
+    dm = safe_instantiate(cfg.data, "data", DataModule)
+    assert dm.kind == "tabular" and dm.files == [tmp_path / "data" / "a.h5"]
+
+
+def test_configs_naming_foreign_code_are_refused(tmp_path):
+    cfg = compose_cfg([], tmp_path)
+    from caloexp.errors import ConfigError
+    from omegaconf import OmegaConf
+    bad = OmegaConf.merge(cfg.model, {"generator": {"_target_": "pathlib.Path.write_text"}})
+    with pytest.raises(ConfigError, match=r"model.generator._target_='pathlib.Path.write_text': refused"):
+        safe_instantiate(bad, "model", GenerativeModel, data_shape=(368,), cond_dim=1)
+    bad = OmegaConf.merge(cfg.model, {"_target_": "caloexp.data.calochallenge.write"})
+    with pytest.raises(ConfigError, match="refused"):
+        safe_instantiate(bad, "model", GenerativeModel, data_shape=(368,), cond_dim=1)
+    bad = OmegaConf.merge(cfg.data, {"_target_": "caloexp.models.wgangp.WGANGP"})
+    with pytest.raises(ConfigError, match="not a DataModule"):
+        safe_instantiate(bad, "data", DataModule)
 
 
 def test_cli_style_overrides(tmp_path):
@@ -67,8 +92,8 @@ def test_gan602_experiment_has_the_seed_settings(tmp_path):
     cfg = compose_cfg(["+experiment=gan602"], tmp_path)
     assert cfg.model._target_.endswith("GAN") and cfg.model.latent_dim == 256
     net = instantiate(cfg.model, data_shape=(368,), cond_dim=1)
-    g = build_optimizer(cfg.optimizer, "generator", net.parameters_for("generator"))
-    d = build_optimizer(cfg.optimizer, "critic", net.parameters_for("critic"))
+    g = build_optimizer(cfg.optimizer, "generator", net.roles, net.parameters_for("generator"))
+    d = build_optimizer(cfg.optimizer, "critic", net.roles, net.parameters_for("critic"))
     assert isinstance(g, torch.optim.Adam) and g.param_groups[0]["betas"] == (0.5, 0.999)
     assert g.param_groups[0]["lr"] == 1.5e-4 and d.param_groups[0]["lr"] == 1e-4
     assert net.output_range == (-1.0, 1.0)

@@ -157,7 +157,7 @@ class DataModule:
     def _transform_kwargs(self, fit: Sample) -> dict[str, Any]:
         cfg = dict(self.transform_cfg)
         cond_dims = {k: (1 if v.ndim == 1 else int(np.prod(v.shape[1:]))) for k, v in fit.cond.items()}
-        return {"steps": list(cfg.get("steps", [])), "conditions": dict(cfg.get("conditions", {})),
+        return {"steps": list(cfg.get("steps") or []), "conditions": dict(cfg.get("conditions") or {}),
                 "cond_dims": cond_dims, "nonnegative": bool(cfg.get("nonnegative", True))}
 
     def _fit_sample(self) -> Sample:
