@@ -249,3 +249,35 @@ def test_mlflow_parent_run_children_and_resume_reuses_parent(tmp_path):
     arts = {a.path for d in ("optuna", "best_config") for a in client.list_artifacts(parent.info.run_id, d)}
     assert {"optuna/optimization_history.png", "optuna/param_importances.png", "optuna/trials.csv",
             "best_config/toy_x_best.yaml"} <= arts, arts
+
+
+# -- search path: only the `sweeps` group is added ---------------------------------------------------
+
+REAL_GROUPS = {"data", "experiment", "logger", "metrics", "model", "optimizer", "paths", "scheduler", "sweeps",
+               "trainer"}
+
+
+def test_help_lists_only_real_groups_in_a_project_full_of_yaml(tmp_path):
+    """A clone where runs happened (mlruns/, outputs/, multirun/ hold YAML) shows only the real groups."""
+    import re
+    import shutil
+
+    for name in ("caloexp", "conf", "sweeps", "hydra_plugins", "tests/sweeper_toy_app"):
+        shutil.copytree(REPO / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for junk in ("mlruns/1/0123abcd/meta.yaml", "outputs/train/2024-01-01/.hydra/config.yaml",
+                 "multirun/2024-01-01/0/.hydra/overrides.yaml", "mlruns/models/m/version-1/meta.yaml"):
+        (tmp_path / junk).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / junk).write_text("a: 1\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))  # this copy's caloexp and plugin, as a user's clone
+    proc = subprocess.run([sys.executable, "-m", "caloexp.train", "--help"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    section = proc.stdout.split("== Configuration groups ==")[1].split("== Config ==")[0]
+    groups = {m.group(1) for m in re.finditer(r"^(\S+): ", section, re.M)}
+    assert groups == REAL_GROUPS, sorted(groups ^ REAL_GROUPS)
+    assert re.search(r"^sweeps: .*wgangp_lr", section, re.M)
+    # the sweeps group still selects the project's sweep files
+    proc = subprocess.run([sys.executable, "-m", "caloexp.train", "sweeps=wgangp_lr", "--cfg", "job"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "max_steps: 1500" in proc.stdout and "optimized_metric: sep/mean" in proc.stdout
