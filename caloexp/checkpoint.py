@@ -117,7 +117,8 @@ def save(path: str | Path, state: dict[str, Any]) -> Path:
 # ----------------------------------------------------------------- reading
 def info(path: str | Path) -> dict[str, Any] | None:
     """The trailer header of a checkpoint (``run_id``, ``step``, ``sha256``, ``payload_bytes``) without
-    reading the payload; None for a file written before checksums (or without a valid trailer)."""
+    reading the payload; None for a plain ``torch.save`` file written before checksums. A damaged
+    trailer raises :class:`InputError` (so cutting it off cannot skip the check)."""
     path = Path(path)
     try:
         with open(path, "rb") as fh:
