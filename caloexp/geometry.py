@@ -155,6 +155,7 @@ def from_xml(path: str | Path, name: str | None = None) -> Geometry:
         raise InputError(f"{path}: expected exactly one <Bin> element, found {len(bins)}")
     b = bins[0]
     layers = []
+    seen: set[int] = set()
     for el in b.findall("Layer"):
         try:
             edges = tuple(float(x) for x in el.attrib["r_edges"].split(","))
@@ -162,15 +163,29 @@ def from_xml(path: str | Path, name: str | None = None) -> Geometry:
             lid = int(el.attrib["id"])
         except (KeyError, ValueError) as exc:
             raise InputError(f"{path}: malformed <Layer> {el.attrib} ({exc})") from None
+        _check_layer(path, lid, edges, n_alpha, seen)
+        seen.add(lid)
         if len(edges) > 1:
-            if any(b <= a for a, b in zip(edges, edges[1:])):
-                raise InputError(f"{path}: layer {lid} r_edges are not increasing")
             layers.append(Layer(lid, edges, n_alpha))
     if not layers:
         raise InputError(f"{path}: no layer with voxels")
     particle = b.attrib.get("name", "unknown")
     return Geometry(name=name or path.stem.replace("binning_", ""), particle=particle,
                     layers=tuple(layers), pid=int(b.attrib.get("pid", 0)), meta=dict(b.attrib))
+
+
+def _check_layer(path: Path, lid: int, edges: tuple[float, ...], n_alpha: int, seen: set[int]) -> None:
+    """Reject a layer that would give a wrong or empty geometry (one line naming file and layer)."""
+    if lid in seen:
+        raise InputError(f"{path}: duplicate layer id {lid}")
+    if n_alpha <= 0:
+        raise InputError(f"{path}: layer {lid} n_bin_alpha={n_alpha} (must be >= 1)")
+    if not all(np.isfinite(edges)):
+        raise InputError(f"{path}: layer {lid} r_edges contain NaN/inf ({','.join(map(str, edges))})")
+    if edges[0] < 0:
+        raise InputError(f"{path}: layer {lid} r_edges start below 0 ({edges[0]} mm)")
+    if any(b <= a for a, b in zip(edges, edges[1:])):
+        raise InputError(f"{path}: layer {lid} r_edges are not increasing")
 
 
 # ---------------------------------------------------------------- built-ins

@@ -92,3 +92,38 @@ def test_missing_and_corrupt_files(tmp_path):
     bad.write_bytes(b"\x89HDF\r\n\x1a\n" + b"garbage" * 100)
     with pytest.raises(InputError, match="not a readable HDF5 file"):
         cc.read(bad)
+
+
+@pytest.mark.parametrize("name, content, looks_like", [
+    ("showers.csv.hdf5", b"incident_energy,v0,v1\n65536,0.1,0.2\n", "CSV/TSV text"),
+    ("arr.hdf5", b"\x93NUMPY\x01\x00v\x00{'descr': '<f4'}", "a NumPy .npy array"),
+    ("arr.npz", b"PK\x03\x04" + b"\x00" * 64, "a ZIP archive"),
+    ("dl.hdf5", b"\x1f\x8b\x08\x00" + b"\x00" * 64, "a gzip-compressed file"),
+    ("page.hdf5", b"<!DOCTYPE html><html><body>Not Found</body></html>", "XML/HTML text"),
+    ("empty.hdf5", b"", "an empty file"),
+])
+def test_files_of_another_format_name_the_accepted_format(tmp_path, name, content, looks_like):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(InputError) as info:
+        cc.inspect(path)
+    msg = str(info.value)
+    assert msg.startswith(f"{path}: not an HDF5 file (looks like {looks_like}") and "\n" not in msg
+    assert "caloexp reads CaloChallenge HDF5 (.hdf5/.h5)" in msg and "'showers' (N,n_voxels)" in msg
+
+
+def test_hdf5_with_wrong_kind_of_content_names_the_accepted_format(tmp_path):
+    grp = tmp_path / "group.hdf5"
+    with h5py.File(grp, "w") as f:
+        f.create_group("showers")
+        f["incident_energies"] = np.ones((3, 1))
+    with pytest.raises(InputError, match="'showers' is an HDF5 group, not a dataset; caloexp reads CaloChallenge"):
+        cc.read(grp)
+    txt = tmp_path / "strings.hdf5"
+    with h5py.File(txt, "w") as f:
+        f["incident_energies"] = np.array([b"a", b"b"])
+        f["showers"] = np.ones((2, 368))
+    with pytest.raises(InputError, match="'incident_energies' holds \\|S1 values, not numbers"):
+        cc.read(txt)
+    with pytest.raises(InputError, match="is a directory; caloexp reads CaloChallenge HDF5"):
+        cc.inspect(tmp_path)

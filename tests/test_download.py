@@ -45,6 +45,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         else:
             body = PAYLOAD
             self.send_response(200)
+        if srv.no_length:                        # HTTP/1.0-style body: ends when the connection closes
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(body[:srv.no_length])
+            self.wfile.flush()
+            self.close_connection = True
+            return
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         drop = srv.drop_after.pop(0) if srv.drop_after else None
@@ -60,9 +67,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, ranges: bool = True, status: int = 200, drop_after: list[int] | None = None):
+    def __init__(self, ranges: bool = True, status: int = 200, drop_after: list[int] | None = None,
+                 no_length: int = 0):
         super().__init__(("127.0.0.1", 0), _Handler)
-        self.ranges, self.status = ranges, status
+        self.ranges, self.status, self.no_length = ranges, status, no_length
         self.drop_after = list(drop_after or [])
         self.requests: list[dict] = []
 
@@ -189,7 +197,8 @@ def test_existing_file_is_used_and_verified_once(tmp_path, monkeypatch):
     assert ensure_file("data.bin", tmp_path, url=None, sha256=SHA, size=len(PAYLOAD), offline=True)
     assert (tmp_path / "data.bin.verified").exists()
     calls = []
-    monkeypatch.setattr(download, "sha256_of", lambda p: calls.append(p) or SHA)
+    real = download.file_digests
+    monkeypatch.setattr(download, "file_digests", lambda p, algos: calls.append(p) or real(p, algos))
     ensure_file("data.bin", tmp_path, sha256=SHA, size=len(PAYLOAD), offline=True)
     assert calls == []                            # marker valid: no re-hash
     os.utime(tmp_path / "data.bin", ns=(1, 1))    # file changed since: hash again
@@ -204,7 +213,7 @@ def test_corrupt_existing_file_is_reported_not_deleted(tmp_path):
     with pytest.raises(DatasetMissing) as err:
         ensure_file("data.bin", tmp_path, sha256=SHA, size=len(PAYLOAD), offline=True)
     assert "sha256" in str(err.value) and "\n" not in str(err.value)
-    assert (tmp_path / "data.bin").exists()
+    assert (tmp_path / "data.bin").read_bytes() == bytes(bad)
 
 
 def test_registry_photons():
@@ -226,3 +235,81 @@ def test_registry_agrees_with_shared_notes():
         f = KNOWN_FILES[name]
         assert (f.record, f.size, f.sha256) == (record, size, sha), name
         assert f.url == f"https://zenodo.org/records/{record}/files/{name}?download=1"
+
+
+# -- issue 8.6: nothing unverifiable is trusted ------------------------------------------------------
+
+MD5 = hashlib.md5(PAYLOAD).hexdigest()
+
+
+def test_every_known_file_has_a_checksum():
+    assert len(KNOWN_FILES) == 10
+    for name, f in KNOWN_FILES.items():
+        assert re.fullmatch(r"[0-9a-f]{32}", f.md5 or ""), name
+        assert (f.size is None) == (f.sha256 is None), name
+    assert KNOWN_FILES["dataset_3_4.hdf5"].record == 6366324
+
+
+@pytest.mark.skipif(not SHARED_KNOWN.exists(), reason="../shared/data/calochallenge_files absent")
+def test_registry_md5_agrees_with_shared_notes():
+    quoted = dict(re.findall(r"(dataset_\w+\.hdf5) ([0-9a-f]{32})", SHARED_KNOWN.read_text()))
+    assert len(quoted) >= 2
+    for name, md5 in quoted.items():
+        assert KNOWN_FILES[name].md5 == md5, name
+
+
+def test_transfer_ending_early_without_content_length_is_not_installed(tmp_path, serve):
+    srv = serve(no_length=len(PAYLOAD) // 2)     # half the file, then the server closes the connection
+    with pytest.raises(DatasetMissing) as err:
+        ensure_file("data.bin", tmp_path, url=srv.url, md5=MD5, timeout=5.0)
+    msg = str(err.value)
+    assert "\n" not in msg and f"md5" in msg and f"ended after {len(PAYLOAD) // 2} bytes without a Content-Length" in msg
+    assert not (tmp_path / "data.bin").exists() and not (tmp_path / "data.bin.part").exists()
+
+
+def test_transfer_without_content_length_is_verified_by_md5(tmp_path, serve):
+    srv = serve(no_length=len(PAYLOAD))          # complete, but only the checksum can tell
+    path = ensure_file("data.bin", tmp_path, url=srv.url, md5=MD5, timeout=5.0)
+    assert path.read_bytes() == PAYLOAD
+    assert '"md5": "%s"' % MD5 in (tmp_path / "data.bin.verified").read_text()
+    srv2 = serve(no_length=len(PAYLOAD))         # nothing known at all: cannot be proven complete
+    with pytest.raises(DatasetMissing, match="without a Content-Length and no size or checksum is known"):
+        ensure_file("other.bin", tmp_path, url=srv2.url.replace("data.bin", "other.bin"), timeout=5.0)
+    assert not (tmp_path / "other.bin").exists() and not (tmp_path / "other.bin.part").exists()
+
+
+def test_simulator_file_under_a_real_name_is_refused_in_one_line_and_kept(tmp_path, serve):
+    """A valid CaloChallenge-format file (here: random showers) placed under dataset 1 pions' name."""
+    from caloexp.data import calochallenge
+    from conftest import random_showers
+
+    e, s = random_showers(50, n_voxels=533)
+    fake = calochallenge.write(tmp_path / "dataset_1_pions_1.hdf5", e, s)
+    content = fake.read_bytes()
+    srv = serve()
+    with pytest.raises(DatasetMissing) as err:   # online, with a server that would answer: nothing fetched
+        ensure_file("dataset_1_pions_1.hdf5", tmp_path, url=srv.url, timeout=5.0)
+    msg = str(err.value)
+    assert msg.startswith(f"{fake}: not the published dataset_1_pions_1.hdf5 (md5 ") and "\n" not in msg
+    assert "expected 6a5f52722064" in msg and "simulator sample" in msg
+    assert fake.read_bytes() == content and srv.requests == [] and not (tmp_path / fake.name).with_suffix(
+        ".hdf5.verified").exists()
+    # a known size settles it before any hashing
+    (tmp_path / "dataset_1_photons_1.hdf5").write_bytes(content)
+    with pytest.raises(DatasetMissing, match=r"not the published dataset_1_photons_1.hdf5 \(\d+ bytes, "
+                                             r"expected 173797023\)"):
+        ensure_file("dataset_1_photons_1.hdf5", tmp_path, offline=True)
+
+
+def test_training_data_module_verifies_a_file_found_under_a_known_name(tmp_path):
+    """Before training: data=pions with a simulator sample under the real name stops with that line."""
+    from caloexp.data import calochallenge
+    from caloexp.data.datamodule import ShowerDataModule
+    from conftest import random_showers
+
+    e, s = random_showers(50, n_voxels=533)
+    calochallenge.write(tmp_path / "dataset_1_pions_1.hdf5", e, s)
+    dm = ShowerDataModule("dataset_1_pions", "dataset_1_pions", str(tmp_path), source="files",
+                          files=["dataset_1_pions_1.hdf5"], download=False)
+    with pytest.raises(DatasetMissing, match="not the published dataset_1_pions_1.hdf5"):
+        dm.prepare()

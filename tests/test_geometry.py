@@ -78,3 +78,31 @@ def test_bad_geometry_inputs(tmp_path):
     broken.write_text("<Bins><Bin>")
     with pytest.raises(InputError, match="not a valid binning XML"):
         geo.from_xml(broken)
+
+
+@pytest.mark.parametrize("layers,problem", [
+    ("<Layer id='0' r_edges='0,5,10' n_bin_alpha='0'/>", "layer 0 n_bin_alpha=0 (must be >= 1)"),
+    ("<Layer id='0' r_edges='0,5,10' n_bin_alpha='-3'/>", "layer 0 n_bin_alpha=-3 (must be >= 1)"),
+    ("<Layer id='0' r_edges='0,nan,10' n_bin_alpha='1'/>", "layer 0 r_edges contain NaN/inf"),
+    ("<Layer id='0' r_edges='0,5,inf' n_bin_alpha='1'/>", "layer 0 r_edges contain NaN/inf"),
+    ("<Layer id='0' r_edges='0,5,5,10' n_bin_alpha='1'/>", "layer 0 r_edges are not increasing"),
+    ("<Layer id='0' r_edges='0,5' n_bin_alpha='1'/><Layer id='0' r_edges='0,7' n_bin_alpha='1'/>",
+     "duplicate layer id 0"),
+    ("<Layer id='1' r_edges='0,5' n_bin_alpha='1'/><Layer id='2' r_edges='0' n_bin_alpha='1'/>"
+     "<Layer id='2' r_edges='0' n_bin_alpha='1'/>", "duplicate layer id 2"),
+])
+def test_invalid_binning_values_are_one_line_naming_file_and_layer(tmp_path, layers, problem):
+    bad = tmp_path / "binning_bad.xml"
+    bad.write_text(f"<Bins><Bin pid='22' name='photon'>{layers}</Bin></Bins>")
+    with pytest.raises(InputError) as err:
+        geo.from_xml(bad)
+    msg = str(err.value)
+    assert msg == f"{bad}: {problem}" or msg.startswith(f"{bad}: {problem}"), msg
+    assert "\n" not in msg
+
+
+def test_official_binning_files_pass_validation(shared_data):
+    """The stricter checks accept every official XML (read from the shared data, never copied)."""
+    for name in NAMES:
+        g = geo.from_xml(shared_data / "calochallenge_binning" / f"binning_{name}.xml")
+        assert g.n_voxels == VOXELS[name] and len(set(g.layer_ids)) == g.n_layers

@@ -192,13 +192,15 @@ def test_stale_trial_policy_by_pid_and_heartbeat():
 
 
 def test_two_workers_on_one_sqlite_study_run_exactly_n_trials(tmp_path):
-    args = toy_cmd(tmp_path, "hydra.sweeper.n_trials=10", "sleep=0.6")
-    procs = [subprocess.Popen(args + [f"hydra.sweep.dir={tmp_path / f'multirun{i}'}"], cwd=tmp_path,
-                              env=toy_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
+    """Both workers resolve the same sweep dir (as two starts within one `${now:...}` second do):
+    every trial still gets its own output folder, named by study and trial number."""
+    args = toy_cmd(tmp_path, "hydra.sweeper.n_trials=10", "sleep=0.6")   # one hydra.sweep.dir for both
+    procs = [subprocess.Popen(args, cwd=tmp_path, env=toy_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for i in range(2)]
     outs = [p.communicate(timeout=240)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
-    trials = load(tmp_path).trials
+    study = load(tmp_path)
+    trials = study.trials
     assert len(trials) == 10 and all(t.state == TrialState.COMPLETE for t in trials)
     assert [t.number for t in trials] == list(range(10))
     assert len({t.params["x"] for t in trials}) == 10, "duplicate parameter sets"
@@ -206,6 +208,12 @@ def test_two_workers_on_one_sqlite_study_run_exactly_n_trials(tmp_path):
     assert len(rec) == 10 and len({r["x"] for r in rec}) == 10, "a trial ran twice or was lost"
     workers = {t.user_attrs["worker"] for t in trials}
     assert len(workers) == 2, f"both workers should have run trials: {workers}"
+    sweep_id = study.user_attrs["sweep_id"]
+    for t in trials:  # one folder per trial, tied to the study and the trial number, holding only that trial
+        out = Path(t.user_attrs["output_dir"])
+        assert out == tmp_path / "multirun" / sweep_id / f"trial_{t.number:04d}"
+        assert (out / "trial.log").read_text().splitlines() == [f"pid={next(r['pid'] for r in rec if r['x'] == t.params['x'])} x={t.params['x']}"]
+    assert len({r["out_dir"] for r in rec}) == 10
 
 
 def test_joblib_launcher_runs_two_trials_in_parallel(tmp_path):
@@ -249,3 +257,70 @@ def test_mlflow_parent_run_children_and_resume_reuses_parent(tmp_path):
     arts = {a.path for d in ("optuna", "best_config") for a in client.list_artifacts(parent.info.run_id, d)}
     assert {"optuna/optimization_history.png", "optuna/param_importances.png", "optuna/trials.csv",
             "best_config/toy_x_best.yaml"} <= arts, arts
+
+
+# -- search path: only the `sweeps` group is added ---------------------------------------------------
+
+REAL_GROUPS = {"data", "experiment", "logger", "metrics", "model", "optimizer", "paths", "scheduler", "sweeps",
+               "trainer"}
+
+
+def test_help_lists_only_real_groups_in_a_project_full_of_yaml(tmp_path):
+    """A clone where runs happened (mlruns/, outputs/, multirun/ hold YAML) shows only the real groups."""
+    import re
+    import shutil
+
+    for name in ("caloexp", "conf", "sweeps", "hydra_plugins", "tests/sweeper_toy_app"):
+        shutil.copytree(REPO / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for junk in ("mlruns/1/0123abcd/meta.yaml", "outputs/train/2024-01-01/.hydra/config.yaml",
+                 "multirun/2024-01-01/0/.hydra/overrides.yaml", "mlruns/models/m/version-1/meta.yaml"):
+        (tmp_path / junk).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / junk).write_text("a: 1\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))  # this copy's caloexp and plugin, as a user's clone
+    proc = subprocess.run([sys.executable, "-m", "caloexp.train", "--help"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    section = proc.stdout.split("== Configuration groups ==")[1].split("== Config ==")[0]
+    groups = {m.group(1) for m in re.finditer(r"^(\S+): ", section, re.M)}
+    assert groups == REAL_GROUPS, sorted(groups ^ REAL_GROUPS)
+    assert re.search(r"^sweeps: .*wgangp_lr", section, re.M)
+    # the sweeps group still selects the project's sweep files
+    proc = subprocess.run([sys.executable, "-m", "caloexp.train", "sweeps=wgangp_lr", "--cfg", "job"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "max_steps: 1500" in proc.stdout and "optimized_metric: sep/mean" in proc.stdout
+
+
+def test_killed_workers_mlflow_run_is_closed_and_retries_are_reported_apart(tmp_path):
+    """kill -9 of a worker mid-trial: the next worker fails the trial as abandoned, closes its RUNNING
+    child run as KILLED (optuna_state=ABANDONED), re-runs its point, and the parent counts it apart."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow_args = (f"logger.tracking_uri={uri}", "logger.experiment_name=toy_kill")
+    proc = subprocess.Popen(toy_cmd(tmp_path, "hydra.sweeper.n_trials=2", "sleep=60", *mlflow_args), cwd=tmp_path,
+                            env=toy_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not records(tmp_path) and time.time() < deadline:
+            time.sleep(0.2)
+        assert records(tmp_path), "the first trial never started"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("toy_kill")
+    (orphan,) = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("optuna_trial") == "0"]
+    assert orphan.info.status == "RUNNING"                          # what a killed worker leaves behind
+
+    run_toy(tmp_path, "hydra.sweeper.n_trials=2", *mlflow_args)
+    killed = client.get_run(orphan.info.run_id)
+    assert killed.info.status == "KILLED" and killed.data.tags["optuna_state"] == "ABANDONED"
+    assert "is no longer running" in killed.data.tags["optuna_fail_reason"]
+    runs = client.search_runs([exp.experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("caloexp.sweep_role") == "parent"]
+    m = parent.data.metrics
+    assert (m["n_complete"], m["n_fail"], m["n_abandoned"], m["n_retried"]) == (2, 0, 1, 1), m
+    retry = [r for r in runs if r.data.tags.get("optuna_retry_of") == "0"]
+    assert len(retry) == 1 and retry[0].info.status == "FINISHED"
+    assert float(retry[0].data.params["x"]) == records(tmp_path)[0]["x"]

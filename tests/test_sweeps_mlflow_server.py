@@ -77,3 +77,27 @@ def test_best_trial_config_is_a_ready_experiment(real_sweep):
         assert OmegaConf.select(cfg, name) == pytest.approx(study.best_params[name])
     assert cfg.trainer.max_steps == 6 and cfg.model.latent_dim == 16  # the sweep's command line came along
     assert cfg.optimized_metric == METRIC
+
+
+def test_each_trial_has_its_own_folder_and_checkpoint(real_sweep):
+    """Trial folders are `<sweep dir>/<sweep_id>/trial_<n>`; `checkpoint.find(<child run id>)` returns
+    that trial's own checkpoint and it verifies as belonging to that run."""
+    from pathlib import Path
+
+    from caloexp import checkpoint
+
+    client = MlflowClient(tracking_uri=real_sweep.server.url)
+    study = optuna.load_study(study_name=STUDY, storage=f"sqlite:///{real_sweep.root / 'optuna.db'}")
+    sweep_id = study.user_attrs["sweep_id"]
+    children = [r for r in client.search_runs([real_sweep.experiment_id])
+                if r.data.tags.get("caloexp.sweep_role") != "parent"]
+    dirs = set()
+    for child in children:
+        n = int(child.data.tags["optuna_trial"])
+        out = Path(child.data.tags["caloexp.output_dir"])
+        assert out.parts[-2:] == (sweep_id, f"trial_{n:04d}") and out == Path(study.trials[n].user_attrs["output_dir"])
+        dirs.add(out)
+        path = checkpoint.find(child.info.run_id, real_sweep.root / "outputs", real_sweep.server.url)
+        assert path == out / "checkpoints" / "last.ckpt"
+        assert checkpoint.load(path, run_id=child.info.run_id)["run_id"] == child.info.run_id
+    assert len(dirs) == N_TRIALS

@@ -48,13 +48,59 @@ class FileInfo:
         return self.n_showers * self.n_voxels * self.dtype.itemsize
 
 
+ACCEPTED = ("CaloChallenge HDF5 (.hdf5/.h5) with datasets 'incident_energies' (N,1) and "
+            "'showers' (N,n_voxels)")
+_HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+# leading bytes of formats users mistake for a shower file -> a name for the error line
+_SIGNATURES = ((b"\x93NUMPY", "a NumPy .npy array"), (b"PK\x03\x04", "a ZIP archive (.npz/.zip/torch)"),
+               (b"\x1f\x8b", "a gzip-compressed file (decompress it first)"), (b"root", "a ROOT file"),
+               (b"\x80", "a Python pickle"), (b"BZh", "a bzip2-compressed file"),
+               (b"\xfd7zXZ", "an xz-compressed file"), (b"\x89PNG", "a PNG image"), (b"%PDF", "a PDF"),
+               (b"\x7fELF", "an executable"))
+
+
+def _sniff(path: Path) -> str | None:
+    """What a non-HDF5 file looks like (None when it is HDF5 or unknown)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4096)
+    except OSError:
+        return None
+    if head.startswith(_HDF5_MAGIC) or _HDF5_MAGIC in head:  # HDF5 may sit after a user block
+        return None
+    if not head:
+        return "an empty file"
+    for magic, what in _SIGNATURES:
+        if head.startswith(magic):
+            return what
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    first = text.lstrip().splitlines()[0] if text.strip() else ""
+    if first.startswith(("{", "[")):
+        return "JSON text"
+    if first.startswith("<"):
+        return "XML/HTML text"
+    if "," in first or "\t" in first:
+        return "CSV/TSV text"
+    return "a text file"
+
+
 def _open(path: Path) -> h5py.File:
+    """Open a shower file read-only; anything but HDF5 gets one line naming the accepted format."""
     if not path.exists():
         raise InputError(f"{path}: file not found")
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory; caloexp reads {ACCEPTED}")
+    looks_like = _sniff(path)
+    if looks_like is not None:
+        raise InputError(f"{path}: not an HDF5 file (looks like {looks_like}); caloexp reads {ACCEPTED}")
     try:
         return h5py.File(path, "r")
     except OSError as exc:
-        raise InputError(f"{path}: not a readable HDF5 file ({exc.__class__.__name__}: {exc})") from None
+        raise InputError(f"{path}: not a readable HDF5 file ({exc.__class__.__name__}: {exc}); "
+                         f"caloexp reads {ACCEPTED}") from None
 
 
 def inspect(path: str | Path, geometry: Geometry | None = None) -> FileInfo:
@@ -66,6 +112,12 @@ def inspect(path: str | Path, geometry: Geometry | None = None) -> FileInfo:
                 raise InputError(f"{path}: missing dataset '{key}' (found {sorted(f.keys())}); "
                                  "a CaloChallenge file needs 'incident_energies' (N,1) and 'showers' (N,n_voxels)")
         e, s = f[ENERGY_KEY], f[SHOWER_KEY]
+        for key, ds in ((ENERGY_KEY, e), (SHOWER_KEY, s)):
+            if not isinstance(ds, h5py.Dataset):
+                raise InputError(f"{path}: '{key}' is an HDF5 {type(ds).__name__.lower()}, not a dataset; "
+                                 f"caloexp reads {ACCEPTED}")
+            if ds.dtype.kind not in "fiu":
+                raise InputError(f"{path}: '{key}' holds {ds.dtype} values, not numbers; caloexp reads {ACCEPTED}")
         if e.ndim not in (1, 2) or (e.ndim == 2 and e.shape[1] != 1):
             raise InputError(f"{path}: '{ENERGY_KEY}' has shape {e.shape}, expected (N, 1)")
         if s.ndim != 2:

@@ -3,8 +3,14 @@
 :func:`ensure_file` returns the local path of a dataset file, downloading it from Zenodo when
 it is not there yet: with a progress bar, into ``<name>.part`` (resumed with an HTTP Range
 request on the next try, or automatically when the connection drops mid-way), checked
-against the known size and sha256, then renamed into place atomically. A ``<name>.verified``
-marker (size, mtime, sha256) means later calls skip re-hashing.
+against the known size and checksums (sha256 and/or the MD5 that Zenodo publishes), then
+renamed into place atomically. Nothing unverifiable is installed: a transfer that ends
+without a Content-Length counts as complete only when the known size/checksum says so.
+
+A file already in the data directory under a known name is verified once before it is used
+(a ``<name>.verified`` JSON beside it caches size, mtime and checksums, so later calls skip
+re-hashing); one that does not match (another version, a simulator sample under a real
+dataset's name, a truncated copy) is reported in one line and never overwritten.
 
 Anything that prevents it (no network, DNS failure, timeout, HTTP error, checksum mismatch,
 offline mode) raises :class:`~caloexp.errors.DatasetMissing` whose message is ONE line: what is
@@ -39,39 +45,45 @@ RETRIES = 3                                 # automatic resumes per call after a
 
 @dataclass(frozen=True)
 class RemoteFile:
-    """Where a dataset file lives and what it must look like (size in bytes, sha256 hex)."""
+    """Where a dataset file lives and what it must look like (size in bytes, sha256/md5 hex)."""
 
     record: int
     url: str
     size: int | None = None
     sha256: str | None = None
+    md5: str | None = None
 
 
 def zenodo_url(record: int, name: str) -> str:
     return f"https://zenodo.org/records/{record}/files/{name}?download=1"
 
 
-def _zenodo(record: int, name: str, size: int | None = None, sha256: str | None = None) -> tuple[str, RemoteFile]:
-    return name, RemoteFile(record, zenodo_url(record, name), size, sha256)
+def _zenodo(record: int, name: str, md5: str, size: int | None = None,
+            sha256: str | None = None) -> tuple[str, RemoteFile]:
+    return name, RemoteFile(record, zenodo_url(record, name), size, sha256, md5)
 
 
-# CaloChallenge 2022 files. Sizes and sha256 as recorded in the project's shared notes
-# (../shared/data/calochallenge_files/KNOWN_FILES.txt: from the Git-LFS pointers of a public
-# mirror, assumed identical to the Zenodo files); None where no fact is known.
+# CaloChallenge 2022 files. Every file has the MD5 that its Zenodo record publishes (quoted by
+# public CaloChallenge data loaders; the two photon values agree with the project's shared notes).
+# Sizes and sha256 where the shared notes (../shared/data/calochallenge_files/KNOWN_FILES.txt:
+# Git-LFS pointers of a public mirror) record them; no size is known for the other seven files.
 KNOWN_FILES: dict[str, RemoteFile] = dict([
     # dataset 1 (DOI 10.5281/zenodo.8099322): photons 121,000 x 368 voxels, pions 120,800 x 533
-    _zenodo(8099322, "dataset_1_photons_1.hdf5", 173_797_023,
+    _zenodo(8099322, "dataset_1_photons_1.hdf5", "005d2adeda7db034b388112661265656", 173_797_023,
             "54011e9ffcc041e30a029fadcef91d33d6d232fe8492360d706022dbec2c1a6f"),
-    _zenodo(8099322, "dataset_1_photons_2.hdf5"),
-    _zenodo(8099322, "dataset_1_pions_1.hdf5"),
-    _zenodo(8099322, "dataset_1_pions_2.hdf5"),
+    _zenodo(8099322, "dataset_1_photons_2.hdf5", "4767715ed56e99565fd9c67340661e70"),
+    _zenodo(8099322, "dataset_1_pions_1.hdf5", "6a5f52722064a1bcd8a0bc002f16515d"),
+    _zenodo(8099322, "dataset_1_pions_2.hdf5", "fee7457b40127bc23c8ab909e2638ca0"),
     # dataset 2 (DOI 10.5281/zenodo.6366271): 2 x 100,000 x 6,480 voxels
-    _zenodo(6366271, "dataset_2_1.hdf5", 1_356_475_617,
+    _zenodo(6366271, "dataset_2_1.hdf5", "e590333e9a2da51b258288d74bd8357a", 1_356_475_617,
             "22bf0cac898be609f3cf3904612f74faf212ea7ecec01d36c580755d0efc5614"),
-    _zenodo(6366271, "dataset_2_2.hdf5", 1_366_708_391,
+    _zenodo(6366271, "dataset_2_2.hdf5", "7a56fd68aa53ded37c2ac445694d9736", 1_366_708_391,
             "7561885bda9e2cfa2b0464d7ba779cd4066d89e91ce6105d73441254481e5f3a"),
     # dataset 3 (DOI 10.5281/zenodo.6366324): 4 x 50,000 x 40,500 voxels
-    *[_zenodo(6366324, f"dataset_3_{i}.hdf5") for i in range(1, 5)],
+    _zenodo(6366324, "dataset_3_1.hdf5", "d33f03418aa311b0965452fcbef1ff87"),
+    _zenodo(6366324, "dataset_3_2.hdf5", "911dec2c40aafa64a07b7450b80881bf"),
+    _zenodo(6366324, "dataset_3_3.hdf5", "5ea62f6831a1821bb5035fafc9f030e8"),
+    _zenodo(6366324, "dataset_3_4.hdf5", "5e8d82e6a6c28c6914a3b602a1cfa299"),
 ])
 
 
@@ -89,31 +101,50 @@ def _missing(name: str, target: Path, url: str | None, why: str) -> DatasetMissi
     return DatasetMissing(" ".join(msg.split()))      # guaranteed one line
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
+def file_digests(path: Path, algos: tuple[str, ...] = ("sha256",)) -> dict[str, str]:
+    """Hex digests of ``path`` for each algorithm (one pass over the file)."""
+    hashes = {a: hashlib.new(a) for a in algos}
     with open(path, "rb") as f:
         while block := f.read(CHUNK_BYTES * 4):
-            h.update(block)
-    return h.hexdigest()
+            for h in hashes.values():
+                h.update(block)
+    return {a: h.hexdigest() for a, h in hashes.items()}
+
+
+def sha256_of(path: Path) -> str:
+    return file_digests(path, ("sha256",))["sha256"]
+
+
+def _mismatch(path: Path, expected: dict[str, str]) -> str | None:
+    """'<algo> <got>…, expected <want>…' for the first checksum that differs, else None."""
+    if not expected:
+        return None
+    got = file_digests(path, tuple(expected))
+    for algo, want in expected.items():
+        if got[algo] != want:
+            return f"{algo} {got[algo][:12]}…, expected {want[:12]}…"
+    return None
 
 
 def _marker(target: Path) -> Path:
     return target.with_name(target.name + ".verified")
 
 
-def _marker_ok(target: Path, sha256: str) -> bool:
+def _marker_ok(target: Path, expected: dict[str, str]) -> bool:
     try:
         m = json.loads(_marker(target).read_text())
         st = target.stat()
-        return m == {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256.lower()}
+        return m == {"size": st.st_size, "mtime_ns": st.st_mtime_ns, **expected}
     except (OSError, ValueError):
         return False
 
 
-def _write_marker(target: Path, sha256: str) -> None:
+def _write_marker(target: Path, expected: dict[str, str]) -> None:
     st = target.stat()
-    _marker(target).write_text(json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                                           "sha256": sha256.lower()}))
+    try:
+        _marker(target).write_text(json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns, **expected}))
+    except OSError:  # a read-only data directory: verified now, verified again next time
+        pass
 
 
 def _resolve(host: str, port: int, timeout: float) -> None:
@@ -146,8 +177,12 @@ def _content_range_start(header: str | None) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _fetch(url: str, part: Path, size: int | None, timeout: float, desc: str) -> None:
-    """One HTTP attempt: continue ``part`` from its size (Range) or restart it if Range is ignored."""
+def _fetch(url: str, part: Path, size: int | None, timeout: float, desc: str) -> bool:
+    """One HTTP attempt: continue ``part`` from its size (Range) or restart it if Range is ignored.
+
+    Returns True when the response declared a Content-Length and all of it arrived, False when
+    the body simply ended (no Content-Length): then only the known size/checksum can tell
+    whether the file is complete."""
     have = part.stat().st_size if part.exists() else 0
     headers = {"User-Agent": "caloexp-download/1", "Accept-Encoding": "identity"}
     if have:
@@ -157,7 +192,7 @@ def _fetch(url: str, part: Path, size: int | None, timeout: float, desc: str) ->
         resp = urllib.request.urlopen(req, timeout=timeout)
     except urllib.error.HTTPError as exc:
         if exc.code == 416 and have and size is not None and have == size:
-            return                                      # already complete
+            return True                                 # already complete
         if exc.code == 416 and have:
             part.unlink(missing_ok=True)                # stale/oversized partial file: start over
             raise _Incomplete("server refused the resume range; restarting") from None
@@ -180,45 +215,65 @@ def _fetch(url: str, part: Path, size: int | None, timeout: float, desc: str) ->
                 f.write(block)
                 got += len(block)
                 bar.update(len(block))
-        if length and length.isdigit() and got < int(length):
-            raise _Incomplete(f"connection closed after {have + got} bytes")
+        if length and length.isdigit():
+            if got < int(length):
+                raise _Incomplete(f"connection closed after {have + got} bytes")
+            return True
+        return False
+
+
+def _not_the_file(name: str, target: Path, url: str | None, why: str) -> DatasetMissing:
+    """One line for a file under a known name that is not the published file (left untouched)."""
+    fetch = f"download {url} to {target}" if url else f"put the published {name} at {target}"
+    return DatasetMissing(" ".join(
+        f"{target}: not the published {name} ({why}): another version, a simulator sample or a truncated "
+        f"copy under its name? It is not used; move it away and {fetch}, set {SKIP_SHA256_ENV}=1 to accept "
+        f"it anyway, or run offline on the embedded data: {OFFLINE_HINT}".split()))
 
 
 def ensure_file(name: str, data_dir: str | Path, url: str | None = None, sha256: str | None = None,
-                size: int | None = None, timeout: float = 10.0, offline: bool = False) -> Path:
+                size: int | None = None, timeout: float = 10.0, offline: bool = False,
+                md5: str | None = None) -> Path:
     """Local path of dataset file ``name`` in ``data_dir``, downloading and verifying it if needed.
 
-    ``url``/``sha256``/``size`` default to the :data:`KNOWN_FILES` entry. ``timeout`` bounds the
-    DNS lookup, the connection and every read. ``offline=True`` (or ``CALOEXP_OFFLINE=1``) never
-    touches the network. Raises :class:`DatasetMissing` (one line) when the file cannot be had.
+    ``url``/``sha256``/``md5``/``size`` default to the :data:`KNOWN_FILES` entry. A file already
+    there is verified once (cached in ``<name>.verified`` by size + mtime); a mismatch raises
+    (one line) and the file is left alone. A download is installed only when its size and
+    checksums match; without any known size or checksum, only when the server declared a
+    Content-Length and all of it arrived. ``timeout`` bounds the DNS lookup, the connection and
+    every read. ``offline=True`` (or ``CALOEXP_OFFLINE=1``) never touches the network. Raises
+    :class:`DatasetMissing` (one line) when the file cannot be had.
     """
     known = KNOWN_FILES.get(name)
     url = url or (known.url if known else None)
     sha256 = (sha256 or (known.sha256 if known else None) or "").lower() or None
+    md5 = (md5 or (known.md5 if known else None) or "").lower() or None
     size = size if size is not None else (known.size if known else None)
     if _truthy(os.environ.get(SKIP_SHA256_ENV)):
-        sha256 = None
+        sha256 = md5 = None
+    expected = {k: v for k, v in (("sha256", sha256), ("md5", md5)) if v}
     target = Path(data_dir).expanduser() / name
 
-    if target.is_file() and (size is None or target.stat().st_size == size):
-        if sha256 is None or _marker_ok(target, sha256):
+    if target.is_file():
+        have = target.stat().st_size
+        if size is not None and have != size:
+            raise _not_the_file(name, target, url, f"{have} bytes, expected {size}")
+        if not expected or _marker_ok(target, expected):
             return target
-        got = sha256_of(target)
-        if got != sha256:
-            raise _missing(name, target, url, f"{target} has sha256 {got[:12]}…, expected {sha256[:12]}…: "
-                           f"corrupt or another version; delete it to re-download, or set {SKIP_SHA256_ENV}=1 "
-                           "to accept it")
-        _write_marker(target, sha256)
+        why = _mismatch(target, expected)
+        if why:
+            raise _not_the_file(name, target, url, why)
+        _write_marker(target, expected)
         return target
 
-    present = f"{target} has {target.stat().st_size} bytes, expected {size}" if target.is_file() else "not on disk"
     if offline or _truthy(os.environ.get(OFFLINE_ENV)):
-        why = f"{present}; offline mode ({OFFLINE_ENV}=1 or offline=True): no download attempted"
+        why = f"not on disk; offline mode ({OFFLINE_ENV}=1 or offline=True): no download attempted"
         raise _missing(name, target, url, why)
     if not url:
-        raise _missing(name, target, None, f"{present} and no download URL is known for it")
+        raise _missing(name, target, None, "not on disk and no download URL is known for it")
 
     part = target.with_name(name + ".part")
+    length_met = False
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         parsed = urllib.parse.urlsplit(url)
@@ -232,7 +287,7 @@ def ensure_file(name: str, data_dir: str | Path, url: str | None = None, sha256:
             if size is not None and before == size:
                 break
             try:
-                _fetch(url, part, size, timeout, desc=name)
+                length_met = _fetch(url, part, size, timeout, desc=name)
                 break
             except (_Incomplete, http.client.IncompleteRead, ConnectionError, TimeoutError, socket.timeout) as exc:
                 after = part.stat().st_size if part.exists() else 0
@@ -254,13 +309,18 @@ def ensure_file(name: str, data_dir: str | Path, url: str | None = None, sha256:
             part.unlink(missing_ok=True)
         raise _missing(name, target, url, f"downloaded {have} bytes, expected {size}"
                        + ("; partial file kept for resume" if have < size else ""))
-    if sha256 is not None:
-        got = sha256_of(part)
-        if got != sha256:
-            part.unlink(missing_ok=True)
-            raise _missing(name, target, url, f"downloaded file has sha256 {got[:12]}…, expected {sha256[:12]}… "
-                           f"(deleted; if the registry hash is stale set {SKIP_SHA256_ENV}=1)")
+    if not expected and size is None and not length_met:
+        part.unlink(missing_ok=True)
+        raise _missing(name, target, url, f"the transfer ended after {have} bytes without a Content-Length and "
+                       "no size or checksum is known to prove it complete (deleted; not trusted)")
+    why = _mismatch(part, expected)
+    if why:
+        part.unlink(missing_ok=True)
+        early = "" if length_met or size is not None else \
+            f"; the transfer ended after {have} bytes without a Content-Length: incomplete or wrong"
+        raise _missing(name, target, url, f"downloaded file has {why}{early} (deleted; if the registry "
+                       f"checksum is stale set {SKIP_SHA256_ENV}=1)")
     os.replace(part, target)
-    if sha256 is not None:
-        _write_marker(target, sha256)
+    if expected:
+        _write_marker(target, expected)
     return target

@@ -166,3 +166,23 @@ def counts_toward_budget(trial: FrozenTrial) -> bool:
     if trial.state == TrialState.RUNNING:
         return True
     return trial.state.is_finished() and not trial.user_attrs.get("abandoned", False)
+
+
+def outcome_counts(trials: List[FrozenTrial]) -> "dict[str, int]":
+    """Trials by outcome, abandoned ones apart from real failures.
+
+    ``failed``: FAIL trials whose job ran and failed; ``abandoned``: FAIL trials of a killed or
+    interrupted worker (not counted toward n_trials); ``retried``: abandoned trials whose parameters
+    were queued again (a later trial carries ``retry_of`` = their number); ``running``/``waiting``:
+    not finished yet."""
+    retried_numbers = {int(t.user_attrs["retry_of"]) for t in trials if "retry_of" in t.user_attrs}
+    abandoned = [t for t in trials if t.state == TrialState.FAIL and t.user_attrs.get("abandoned")]
+    return {
+        "complete": sum(t.state == TrialState.COMPLETE for t in trials),
+        "pruned": sum(t.state == TrialState.PRUNED for t in trials),
+        "failed": sum(t.state == TrialState.FAIL and not t.user_attrs.get("abandoned") for t in trials),
+        "abandoned": len(abandoned),
+        "retried": sum(t.number in retried_numbers for t in abandoned),
+        "running": sum(t.state == TrialState.RUNNING for t in trials),
+        "waiting": sum(t.state == TrialState.WAITING for t in trials),
+    }

@@ -145,6 +145,7 @@ class StudyRunner:
             if sweep_id is None:
                 sweep_id = f"{self.study_name}-{uuid.uuid4().hex[:8]}"
                 study.set_user_attr("sweep_id", sweep_id)
+            self.sweep_id = str(sweep_id)
             if self.use_mlflow:
                 from ._mlflow import StudyTracker
 
@@ -173,9 +174,8 @@ class StudyRunner:
                 except BaseException as e:  # Ctrl-C, launcher failure: free these trials for a rerun
                     with co.study_lock(self.storage_url, self.study_name):
                         for tid in ids:
-                            co.mark_abandoned(study, storage, storage.get_trial(tid),
-                                              f"abandoned: sweep interrupted ({type(e).__name__})",
-                                              self.s.retry_abandoned)
+                            self._abandon(study, storage, storage.get_trial(tid),
+                                          f"abandoned: sweep interrupted ({type(e).__name__})")
                     raise
                 finally:
                     heartbeat.remove(ids)
@@ -197,7 +197,7 @@ class StudyRunner:
                     continue
                 reason = co.abandon_reason(t, self.s.grace_period)
                 if reason:
-                    co.mark_abandoned(study, storage, t, reason, self.s.retry_abandoned)
+                    self._abandon(study, storage, t, reason)
             trials = study.get_trials(deepcopy=False)
             used = sum(co.counts_toward_budget(t) for t in trials)
             running = sum(t.state == TrialState.RUNNING for t in trials)
@@ -217,6 +217,18 @@ class StudyRunner:
                      used + len(batch), self.n_trials)
             return batch
 
+    def _abandon(self, study: optuna.Study, storage: Any, trial: FrozenTrial, reason: str) -> None:
+        """Fail an abandoned trial (re-queued once) and close its MLflow child run as KILLED."""
+        if co.mark_abandoned(study, storage, trial, reason, self.s.retry_abandoned) and self.tracker is not None:
+            self.tracker.close_abandoned(trial.number, reason)
+
+    def trial_subdir(self, number: int) -> str:
+        """Output directory of trial ``number`` below ``hydra.sweep.dir``: unique per study and trial.
+
+        Hydra's default ``${hydra.job.num}`` restarts at 0 in every worker process, so two workers that
+        resolve the same ``${now:...}`` sweep dir (or a resumed study) would share folders."""
+        return f"{self.sweep_id}/trial_{number:04d}"
+
     def _tid(self, storage: Any, trial: Trial) -> int:
         return storage.get_trial_id_from_study_id_trial_number(self.study_id, trial.number)
 
@@ -228,6 +240,7 @@ class StudyRunner:
         out = [ov.input_line or f"{ov.get_key_element()}={ov.get_value_element_as_str()}"
                for k, ov in self.fixed.items() if k not in trial.params]
         out += [f"{k}={format_value(v)}" for k, v in trial.params.items()]
+        out.append(f"hydra.sweep.subdir={format_value(self.trial_subdir(trial.number))}")
         if self.tracker is not None:
             out += self.tracker.trial_overrides(trial.number)
         return tuple(out)
@@ -274,6 +287,8 @@ class StudyRunner:
                 "sampler_seed": (sampler or {}).get("seed"), **space}
 
     def _finalize(self, study: optuna.Study, finished: bool) -> None:
+        counts = co.outcome_counts(study.get_trials(deepcopy=False))
+        log.info("Study '%s': %s", self.study_name, ", ".join(f"{n} {k}" for k, n in counts.items()))
         best = self._best(study)
         if best is None:
             log.warning("Study '%s': no trial has completed yet; see each trial's fail_reason "

@@ -19,6 +19,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from caloexp.tracking import get_or_create_experiment
 
+from ._coordination import outcome_counts
+
 log = logging.getLogger(__name__)
 
 ROLE_TAG = "caloexp.sweep_role"
@@ -72,6 +74,24 @@ class StudyTracker:
             max_results=1)
         return runs[0].info.run_id if runs else None
 
+    def close_abandoned(self, number: int, reason: str) -> Optional[str]:
+        """Close the child run of abandoned trial ``number`` as KILLED (tag ``optuna_state=ABANDONED``).
+
+        A killed worker cannot end its own run, which would otherwise stay RUNNING forever."""
+        try:
+            run_id = self.find_child(number)
+            if run_id is None:
+                return None
+            self.client.set_tag(run_id, "optuna_state", "ABANDONED")
+            self.client.set_tag(run_id, "optuna_fail_reason", reason[:5000])
+            if self.client.get_run(run_id).info.status == "RUNNING":
+                self.client.set_terminated(run_id, "KILLED")
+            log.info("MLflow: closed run %s of abandoned trial %d as KILLED", run_id, number)
+            return run_id
+        except Exception as e:  # tracking trouble must not stop the study
+            log.warning("MLflow: could not close run of abandoned trial %d: %s", number, e)
+            return None
+
     def after_trial(self, trial: FrozenTrial, run_id: Optional[str], params: Dict[str, Any]) -> None:
         """Mark the child with the trial's outcome; add the searched params/objective if the task did not."""
         if run_id is not None:
@@ -79,6 +99,8 @@ class StudyTracker:
                 self.client.set_tag(run_id, "optuna_state", trial.state.name)
                 if trial.user_attrs.get("fail_reason"):
                     self.client.set_tag(run_id, "optuna_fail_reason", str(trial.user_attrs["fail_reason"])[:5000])
+                if "retry_of" in trial.user_attrs:
+                    self.client.set_tag(run_id, "optuna_retry_of", str(trial.user_attrs["retry_of"]))
                 run = self.client.get_run(run_id)
                 for k, v in params.items():
                     if k not in run.data.params:
@@ -99,8 +121,11 @@ class StudyTracker:
     def finalize(self, study: optuna.Study, best_config: Optional[Path], finished: bool) -> None:
         """Log best value, counts, plots, trial table and best config to the parent run."""
         trials = study.get_trials(deepcopy=False)
-        counts = {s: sum(t.state == s for t in trials) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
-        metrics = {f"n_{s.name.lower()}": float(n) for s, n in counts.items()}
+        counts = outcome_counts(trials)
+        # n_fail: trials that ran and failed; abandoned (killed/interrupted worker) ones are apart
+        metrics = {"n_complete": counts["complete"], "n_pruned": counts["pruned"], "n_fail": counts["failed"],
+                   "n_abandoned": counts["abandoned"], "n_retried": counts["retried"]}
+        metrics = {k: float(v) for k, v in metrics.items()}
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
         if complete:
             best = study.best_trial
@@ -131,11 +156,14 @@ def write_trials_csv(trials: List[FrozenTrial], path: Path) -> None:
     names = sorted({k for t in trials for k in t.params})
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["number", "state", "value", *names, "fail_reason", "mlflow_run_id", "worker"])
+        w.writerow(["number", "state", "value", *names, "fail_reason", "abandoned", "retry_of", "mlflow_run_id",
+                    "worker", "output_dir"])
         for t in trials:
             w.writerow([t.number, t.state.name, "" if t.value is None else t.value,
                         *[t.params.get(n, "") for n in names], t.user_attrs.get("fail_reason", ""),
-                        t.user_attrs.get("mlflow_run_id", ""), t.user_attrs.get("worker", "")])
+                        "yes" if t.user_attrs.get("abandoned") else "", t.user_attrs.get("retry_of", ""),
+                        t.user_attrs.get("mlflow_run_id", ""), t.user_attrs.get("worker", ""),
+                        t.user_attrs.get("output_dir", "")])
 
 
 def save_plots(study: optuna.Study, out: Path) -> List[Path]:

@@ -1,21 +1,69 @@
-"""Makes a project's top-level ``sweeps/`` directory the config group ``sweeps``.
+"""Makes a project's top-level ``sweeps/`` directory the config group ``sweeps`` -- and nothing else.
 
 Hydra only finds groups under search-path roots. For an app whose primary config directory is
-``<project>/conf`` and whose project has ``<project>/sweeps/``, ``<project>`` is appended to the
-search path (after the app's own configs, so ``conf/`` always wins), which makes
-``sweeps=wgangp_lr`` select ``<project>/sweeps/wgangp_lr.yaml``. Apps without a sibling
-``sweeps/`` directory are left untouched.
+``<project>/conf`` and whose project has ``<project>/sweeps/``, a ``caloexp-sweeps://<project>``
+root is appended to the search path (after the app's own configs, so ``conf/`` always wins),
+which makes ``sweeps=wgangp_lr`` select ``<project>/sweeps/wgangp_lr.yaml``. Apps without a
+sibling ``sweeps/`` directory are left untouched.
+
+The root is served by :class:`SweepsOnlyConfigSource`, a file source that shows only the
+``sweeps`` subtree of the project. A plain ``file://<project>`` root would turn every YAML file
+below the project (``mlruns/``, ``outputs/``, ``multirun/``, test apps) into a bogus config
+group listed by ``--help`` and selectable from the command line.
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import List, Optional
 
+from hydra._internal.core_plugins.file_config_source import FileConfigSource
 from hydra.core.config_search_path import ConfigSearchPath
+from hydra.core.object_type import ObjectType
+from hydra.plugins.config_source import ConfigLoadError, ConfigResult
 from hydra.plugins.search_path_plugin import SearchPathPlugin
+
+GROUP = "sweeps"
+SCHEME = "caloexp-sweeps"
+
+
+def _in_group(config_path: str) -> bool:
+    first = config_path.strip("/").split("/", 1)[0]
+    return first == GROUP
+
+
+class SweepsOnlyConfigSource(FileConfigSource):
+    """``caloexp-sweeps://<dir>``: the files of ``<dir>/sweeps`` as group ``sweeps``; nothing else of ``<dir>``."""
+
+    @staticmethod
+    def scheme() -> str:
+        return SCHEME
+
+    def load_config(self, config_path: str) -> ConfigResult:
+        if not _in_group(config_path):
+            raise ConfigLoadError(f"Config not found : {config_path} (only '{GROUP}/' is served from {self.path})")
+        return super().load_config(config_path)
+
+    def available(self) -> bool:
+        return super().is_group(GROUP)
+
+    def is_group(self, config_path: str) -> bool:
+        if config_path.strip("/") == "":
+            return self.available()
+        return _in_group(config_path) and super().is_group(config_path)
+
+    def is_config(self, config_path: str) -> bool:
+        return _in_group(config_path) and super().is_config(config_path)
+
+    def list(self, config_path: str, results_filter: Optional[ObjectType]) -> List[str]:
+        if config_path.strip("/") == "":
+            return [GROUP] if self.available() and results_filter in (None, ObjectType.GROUP) else []
+        if not _in_group(config_path):
+            return []
+        return super().list(config_path, results_filter)
 
 
 class CaloexpSweepsSearchPathPlugin(SearchPathPlugin):
-    """Appends ``file://<parent of the primary config dir>`` when it holds a ``sweeps/`` directory."""
+    """Appends ``caloexp-sweeps://<parent of the primary config dir>`` when it holds a ``sweeps/`` directory."""
 
     def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
         for element in search_path.get_path():
@@ -23,6 +71,6 @@ class CaloexpSweepsSearchPathPlugin(SearchPathPlugin):
             if element.provider != "main" or "://" in path.replace("file://", "", 1):
                 continue  # not the primary config dir, or a pkg:// / structured:// source
             project = Path(path.replace("file://", "", 1)).resolve().parent
-            if (project / "sweeps").is_dir():
-                search_path.append(provider="caloexp-sweeps", path=f"file://{project}")
+            if (project / GROUP).is_dir():
+                search_path.append(provider="caloexp-sweeps", path=f"{SCHEME}://{project}")
             return

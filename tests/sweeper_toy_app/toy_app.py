@@ -13,6 +13,7 @@ import os
 import time
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from caloexp.errors import TrainingDiverged
@@ -24,30 +25,40 @@ def objective(cfg: DictConfig) -> float:
             + (0.0 if cfg.kind == "a" else 1.0) + 0.01 * cfg.n)
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> float:
+def _work(cfg: DictConfig) -> float:
     if cfg.record_file:
+        out_dir = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else None
         with open(cfg.record_file, "a") as fh:
             fh.write(json.dumps({"pid": os.getpid(), "x": cfg.x, "lr": cfg.lr, "n": cfg.n, "kind": cfg.kind,
-                                 "trial": cfg.logger.tags.get("optuna_trial")}) + "\n")
+                                 "trial": cfg.logger.tags.get("optuna_trial"), "out_dir": out_dir}) + "\n")
+        if out_dir:  # like train.log: a file a trial owns in its output directory
+            with open(os.path.join(out_dir, "trial.log"), "a") as fh:
+                fh.write(f"pid={os.getpid()} x={cfg.x}\n")
     if cfg.sleep:
         time.sleep(cfg.sleep)
     if cfg.fail_when_x_above is not None and cfg.x > cfg.fail_when_x_above:
         raise RuntimeError(f"toy crash at x={cfg.x:.3f}")
     if cfg.diverge_when_x_below is not None and cfg.x < cfg.diverge_when_x_below:
         raise TrainingDiverged(f"loss is nan at step 3 (x={cfg.x:.3f})")
-    value = objective(cfg)
-    if cfg.logger.tracking_uri:
-        import mlflow
+    return objective(cfg)
 
-        mlflow.set_tracking_uri(cfg.logger.tracking_uri)
-        exp = mlflow.set_experiment(cfg.logger.experiment_name)
-        tags = {k: str(v) for k, v in cfg.logger.tags.items()}
-        if cfg.logger.parent_run_id:
-            tags["mlflow.parentRunId"] = cfg.logger.parent_run_id
-        with mlflow.start_run(experiment_id=exp.experiment_id, tags=tags):
-            mlflow.log_params({"x": cfg.x, "lr": cfg.lr, "n": cfg.n, "kind": cfg.kind})
-            mlflow.log_metric(cfg.optimized_metric, value)
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    if not cfg.logger.tracking_uri:
+        return _work(cfg)
+    import mlflow
+
+    # like caloexp.train: the run is open while the trial works (a killed worker leaves it RUNNING)
+    mlflow.set_tracking_uri(cfg.logger.tracking_uri)
+    exp = mlflow.set_experiment(cfg.logger.experiment_name)
+    tags = {k: str(v) for k, v in cfg.logger.tags.items()}
+    if cfg.logger.parent_run_id:
+        tags["mlflow.parentRunId"] = cfg.logger.parent_run_id
+    with mlflow.start_run(experiment_id=exp.experiment_id, tags=tags):
+        mlflow.log_params({"x": cfg.x, "lr": cfg.lr, "n": cfg.n, "kind": cfg.kind})
+        value = _work(cfg)
+        mlflow.log_metric(cfg.optimized_metric, value)
     return value
 
 
