@@ -355,10 +355,8 @@ def plot_layers_average(ref_x: np.ndarray, gen_x: np.ndarray, geometry: Geometry
     height = 1.7 + 1.5 * len(layers)
     fig, axes = plt.subplots(len(layers), 3, figsize=(10, height), squeeze=False)
     fig.subplots_adjust(left=0.08, right=0.97, bottom=1.3 / height, top=1 - 0.55 / height, hspace=0.8, wspace=0.25)
-    cmap_e = plt.get_cmap("viridis").copy()
-    cmap_e.set_bad("white")
-    cmap_r = plt.get_cmap("RdBu_r").copy()
-    cmap_r.set_bad("0.8")
+    cmap_e = plt.get_cmap("viridis").with_extremes(bad="white")
+    cmap_r = plt.get_cmap("RdBu_r").with_extremes(bad="0.8")
     im = rim = None
     for row, i in enumerate(layers):
         layer = geometry.layers[i]
@@ -406,8 +404,7 @@ def plot_layers_average_per_energy(ref_e: np.ndarray, ref_x: np.ndarray, gen_e: 
     m_gen = _group_means(gen_x, [g[2] for g in groups])
     ratio = ratio_image(m_ref, m_gen)
     big = ratio_scale(ratio)
-    cmap_r = plt.get_cmap("RdBu_r").copy()
-    cmap_r.set_bad("0.8")
+    cmap_r = plt.get_cmap("RdBu_r").with_extremes(bad="0.8")
     width = max(MIN_WIDTH_IN, 2.3 * len(layers) + 1.0)
     height = 1.5 + 1.35 * len(groups)
     fig, axes = plt.subplots(len(groups), len(layers), figsize=(width, height), squeeze=False)
