@@ -10,10 +10,13 @@ metric's history has every step exactly once however often the run was interrupt
 """
 from __future__ import annotations
 
+import json
 import logging
+import re
 import subprocess
+from datetime import datetime
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import mlflow
 from mlflow.tracking import MlflowClient
@@ -21,7 +24,18 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
-EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # without it the MLflow 3 UI opens a GenAI view
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # read by MLflow < 3.17 only; kept for those UIs and the API
+
+# MLflow 3.17's UI ignores the experiment-kind tag: the experiment page's kind comes from the
+# ``workflowType`` URL parameter, else from the browser's localStorage key ``mlflow.workflowType``
+# (default "genai", i.e. the GenAI Overview with its popup). ``?workflowType=machine_learning``
+# opens the runs table. A shared view (experiment tag ``mlflow.sharedViewState.<key>``, a JSON
+# of search facets and UI state, opened with ``?viewStateShareKey=<key>``) picks the columns.
+UI_VIEW_KEY = "caloexp"
+SHARED_VIEW_TAG = "mlflow.sharedViewState."
+#: Metric columns of the runs table's default view: the objective first (the table is sorted by it).
+RUNS_VIEW_METRICS: tuple[str, ...] = ("sep/mean", "sep/E_ratio", "sep/mean_E_layer", "wd/mean")
+_RUN_NAME_COLUMN = "attributes.`Run Name`"
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -52,18 +66,88 @@ def artifact_root_for(tracking_uri: str) -> str | None:
 
 
 def get_or_create_experiment(client: MlflowClient, name: str, tracking_uri: str = "") -> str:
+    """Id of experiment ``name``, created when missing; makes sure it carries the runs-table view."""
     exp = client.get_experiment_by_name(name)
     if exp is None:
         try:
             return client.create_experiment(name, artifact_location=artifact_root_for(tracking_uri),
-                                            tags={EXPERIMENT_KIND_TAG: "custom_model_development"})
+                                            tags={EXPERIMENT_KIND_TAG: "custom_model_development",
+                                                  SHARED_VIEW_TAG + UI_VIEW_KEY: json.dumps(runs_view_state())})
         except Exception:  # noqa: BLE001 - created meanwhile by a concurrent process (sweep workers)
             exp = client.get_experiment_by_name(name)
             if exp is None:
                 raise
     if exp.tags.get(EXPERIMENT_KIND_TAG) is None:
         client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development")
+    if exp.tags.get(SHARED_VIEW_TAG + UI_VIEW_KEY) is None:
+        client.set_experiment_tag(exp.experiment_id, SHARED_VIEW_TAG + UI_VIEW_KEY, json.dumps(runs_view_state()))
     return exp.experiment_id
+
+
+def _col(kind: str, key: str) -> str:
+    return f"{kind}.`{key}`"
+
+
+def runs_view_state(metrics: Sequence[str] = RUNS_VIEW_METRICS, params: Sequence[str] = ()) -> dict[str, Any]:
+    """The runs table's shared view: run names in full, then the given metric and param columns,
+    sorted by the first metric (lower is better)."""
+    cols = [_col("metrics", m) for m in metrics] + [_col("params", p) for p in params]
+    state: dict[str, Any] = {"selectedColumns": cols, "columnOrder": [_RUN_NAME_COLUMN] + cols,
+                             "columnWidths": {_RUN_NAME_COLUMN: 380}}
+    if metrics:
+        state.update(orderByKey=_col("metrics", metrics[0]), orderByAsc=True)
+    return state
+
+
+def set_runs_view(client: MlflowClient, experiment_id: str, metrics: Sequence[str] = RUNS_VIEW_METRICS,
+                  params: Sequence[str] = (), key: str = UI_VIEW_KEY) -> None:
+    """Store (or replace) the runs-table view ``key`` of an experiment, e.g. a sweep's swept params."""
+    client.set_experiment_tag(experiment_id, SHARED_VIEW_TAG + key, json.dumps(runs_view_state(metrics, params)))
+
+
+def ui_url(server: str, experiment_id: str, view: str | None = UI_VIEW_KEY) -> str:
+    """Link that opens an experiment on its runs table (not MLflow 3.17's GenAI overview).
+
+    ``server``: the UI's address (``http://127.0.0.1:5000`` for ``mlflow ui``); a non-HTTP tracking
+    URI (``sqlite:///...``, a path) means the default ``mlflow ui`` address.
+    """
+    base = server.rstrip("/") if server.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    query = "workflowType=machine_learning" + (f"&viewStateShareKey={view}" if view else "")
+    return f"{base}/#/experiments/{experiment_id}/runs?{query}"
+
+
+_SKIP_OVERRIDE = re.compile(r"^(model|data|experiment|sweeps)=|^(hydra|logger|paths)\.|_dir=|^resume=")
+
+
+def run_name(model: str, data: str, overrides: Sequence[str] = (), when: datetime | None = None,
+             max_overrides: int = 3, max_len: int = 60) -> str:
+    """``<model>-<data>-<short key overrides>-<MMDD-HHMMSS>``: distinguishable at a glance.
+
+    Overrides are shortened to the last key component (``optimizer.generator.lr=1e-4`` ->
+    ``lr=1e-4``); model/data choices, paths, hydra and logger settings are left out.
+    """
+    data = data.replace("embedded_", "").replace("dataset_", "ds")
+    short = []
+    for o in overrides:
+        o = str(o)
+        o = o.lstrip("+~")
+        if "=" not in o or _SKIP_OVERRIDE.search(o):
+            continue
+        key, value = o.split("=", 1)
+        short.append(f"{key.rsplit('.', 1)[-1]}={value.strip(chr(39) + chr(34))[:12]}")
+    stamp = (when or datetime.now()).strftime("%m%d-%H%M%S")
+    middle = ",".join(short[:max_overrides]) + (",..." if len(short) > max_overrides else "")
+    name = "-".join(p for p in (model, data, middle) if p)
+    return f"{name[:max_len - len(stamp) - 1]}-{stamp}"
+
+
+def _run_name_resolver(model: str, data: str, overrides: Any = ()) -> str:
+    return run_name(model, data, list(overrides or ()))
+
+
+if not OmegaConf.has_resolver("caloexp.run_name"):
+    # cached per config object: the name (and its time stamp) stays the same however often it is read
+    OmegaConf.register_new_resolver("caloexp.run_name", _run_name_resolver, use_cache=True)
 
 
 class Tracker:

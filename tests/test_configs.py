@@ -1,5 +1,7 @@
 """Every config group option composes and builds (lightning-hydra-template style)."""
 import itertools
+import re
+import time
 from pathlib import Path
 
 import pytest
@@ -85,7 +87,12 @@ def test_cli_style_overrides(tmp_path):
                        "model.latent_dim=64", "seed=3"], tmp_path)
     assert cfg.optimizer.generator.lr == 3e-4 and cfg.optimizer.critic.lr == 1e-4
     assert cfg.trainer.max_steps == 200 and cfg.model.latent_dim == 64 and cfg.seed == 3
-    assert cfg.logger.run_name == "wgangp-embedded_photons"
+    # distinguishable at a glance: family, data, the key overrides (last key component), a time stamp
+    assert re.fullmatch(r"wgangp-photons-lr=3e-4,lr=1e-4,max_steps=200,\.\.\.-\d{4}-\d{6}", cfg.logger.run_name), \
+        cfg.logger.run_name
+    first = cfg.logger.run_name
+    time.sleep(1.1)
+    assert cfg.logger.run_name == first  # one name per composed config: the time stamp is cached
 
 
 def test_gan602_experiment_has_the_seed_settings(tmp_path):

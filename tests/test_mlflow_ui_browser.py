@@ -1,4 +1,8 @@
-"""Headless Chromium opens the MLflow UI of the sweep's server and sees the study's runs and metric.
+"""Headless Chromium opens the MLflow UI and sees the runs table: run names and physics metric columns.
+
+MLflow 3.17 opens an experiment on the GenAI "Overview" unless the URL says
+``workflowType=machine_learning`` (the ``mlflow.experimentKind`` tag is ignored); the documented
+link (:func:`caloexp.tracking.ui_url`) carries it plus the caloexp shared view (metric columns).
 
 Needs Debian's ``chromium`` (installed here with apt-get when missing and possible; skipped
 with the reason otherwise). The screenshot is kept under the test's temp dir.
@@ -14,6 +18,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from caloexp import tracking
 from sweeper_toy_app.mlflow_fixtures import STUDY, mlflow_server, real_sweep  # noqa: F401
 
 pytestmark = pytest.mark.slow
@@ -74,3 +79,36 @@ def test_mlflow_ui_shows_the_study_runs_and_metric(real_sweep, tmp_path):
     chromium(compare, f"--screenshot={shot}", "--window-size=1600,1000")
     assert shot.exists() and shot.stat().st_size > 10_000
     print(f"MLflow UI screenshot: {shot}")
+
+
+def test_documented_link_opens_the_runs_table_with_physics_columns(mlflow_server, tmp_path):
+    """The link caloexp prints shows the runs table: full run names and the sep/mean column, sorted by it."""
+    client = MlflowClient(tracking_uri=mlflow_server.url)
+    exp_id = tracking.get_or_create_experiment(client, "ui_runs_table", mlflow_server.url)
+    names = {tracking.run_name("wgangp", "embedded_photons", ["optimizer.generator.lr=1e-4"]): 0.31,
+             tracking.run_name("flow", "embedded_photons", ["trainer.max_steps=500"]): 0.12}
+    for name, value in names.items():
+        run = client.create_run(exp_id, run_name=name)
+        client.log_metric(run.info.run_id, "sep/mean", value)
+        client.log_metric(run.info.run_id, "sep/E_ratio", value / 2)
+        client.log_param(run.info.run_id, "data._target_", "caloexp.data.datamodule.ShowerDataModule")
+        client.set_terminated(run.info.run_id)
+
+    bare = chromium(f"{mlflow_server.url}/#/experiments/{exp_id}", "--dump-dom").stdout
+    (tmp_path / "bare_dom.html").write_text(bare)
+    url = tracking.ui_url(mlflow_server.url, exp_id)
+    dom = chromium(url, "--dump-dom").stdout
+    (tmp_path / "runs_dom.html").write_text(dom)
+    for name in names:
+        assert f">{name}<" in dom, f"run name {name} missing from the runs table"
+    assert "Token Usage" not in dom and "Detect Issues" not in dom, "the GenAI overview opened, not the runs table"
+    assert "matching runs" in dom, "no runs table"
+    for metric in ("sep/mean", "sep/E_ratio"):
+        assert f">{metric}<" in dom, f"metric column {metric} missing"
+    # the best run (lowest sep/mean) is the first row
+    best, worst = sorted(names, key=names.get)
+    assert dom.index(f">{best}<") < dom.index(f">{worst}<")
+    shot = tmp_path / "mlflow_ui.png"
+    chromium(url, f"--screenshot={shot}", "--window-size=1600,900")
+    assert shot.exists() and shot.stat().st_size > 10_000
+    print(f"MLflow UI screenshot: {shot}\nbare experiment link shows the GenAI overview: {'Token Usage' in bare}")
