@@ -150,8 +150,8 @@ def train(cfg: DictConfig) -> float:
     """Train one model as configured; return the best ``trainer.monitor`` value (lower is better)."""
     ckpt, ckpt_path = None, None
     if cfg.get("resume"):
-        ckpt_path = checkpoint.find(str(cfg.resume), Path(cfg.paths.root_dir) / "outputs", cfg.logger.tracking_uri)
-        ckpt = checkpoint.load(ckpt_path)
+        ckpt_path, ckpt = checkpoint.load_for_resume(str(cfg.resume), Path(cfg.paths.root_dir) / "outputs",
+                                                     cfg.logger.tracking_uri)
         cfg = resumed_config(ckpt["config_yaml"], cfg)
         log.info("resuming from %s at step %d", ckpt_path, ckpt["state"]["step"])
     tc = cfg.trainer
@@ -276,7 +276,9 @@ def train(cfg: DictConfig) -> float:
         if last_eval_step != state.step:
             run_evaluation(final=True)
         save(checkpoint.LAST)
-        tracker.set_tags({"caloexp.final_step": state.step})
+        digests = rt.gather_object(weights_digest(model))
+        tracker.set_tags({"caloexp.final_step": state.step, "caloexp.weights_sha256": digests[0],
+                          "caloexp.ranks_identical": str(len(set(digests)) == 1).lower()})
         if rt.is_main:
             with optim.ema_weights():
                 tracker.log_generator(state_for_export(model, transform, optim, spec))
@@ -326,6 +328,17 @@ def restore(ckpt: dict[str, Any], model: GenerativeModel, transform, optim: Opti
     torch.set_rng_state(mine["torch"])
     if torch.cuda.is_available() and mine.get("cuda") is not None:
         torch.cuda.set_rng_state_all(list(mine["cuda"]))
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of every parameter and buffer: equal on all ranks when DDP kept them in sync."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def state_for_export(model: GenerativeModel, transform, optim: Optim, spec: dict[str, Any]) -> dict[str, Any]:
