@@ -17,13 +17,16 @@ import time
 
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 from torch.utils.flop_counter import FlopCounterMode
 
 import caloexp.config  # noqa: F401
+from caloexp.build import instantiate
 from caloexp.cli import CONF_DIR
-from caloexp.models.base import ShowerGenerator
-from caloexp.train import build_optimizer
+from caloexp.data.base import DataModule
+from caloexp.models.base import GenerativeModel
+from caloexp.optim import Optim
+from caloexp.runtime import Runtime
+from caloexp.sampling import EventGenerator
 
 
 def matmul_flops(device: torch.device, n: int = 2048, dtype=torch.float32, seconds: float = 2.0) -> float:
@@ -74,22 +77,22 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="caloexp-bench-")
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=[f"paths.root_dir={tmp}", f"data.n_showers={args.n_showers}", *args.overrides])
-    data = instantiate(cfg.data).setup()
-    model = instantiate(cfg.model, data_shape=data.data_shape, cond_dim=data.cond_dim)
+    data = instantiate(cfg.data, "data", DataModule).setup()
+    model = instantiate(cfg.model, "model", GenerativeModel, data_shape=data.data_shape, cond_dim=data.cond_dim)
     transform = data.fit_transform(model.output_range, device)
     model.to(device)
     model.rng = torch.Generator(device).manual_seed(0)
-    opts = {r: build_optimizer(cfg.optimizer, r, model.parameters_for(r)) for r in model.roles}
-    gen = ShowerGenerator(model.sampler(), transform).eval()
+    opts = Optim(model, cfg.optimizer, cfg.scheduler, Runtime(device))
+    gen = EventGenerator(model.sampler(), transform).eval()
 
     peak_flops = matmul_flops(device)
     print(f"device: {device} ({torch.get_num_threads()} threads); matmul peak: {peak_flops / 1e9:.1f} GFLOP/s")
     print(f"model: {cfg.model._target_}, generator params "
           f"{sum(p.numel() for p in model.generator.parameters()):,}, critic params "
-          f"{sum(p.numel() for p in model.critic.parameters()):,}, voxels {data.geometry.n_voxels}")
+          f"{sum(p.numel() for p in model.critic.parameters()):,}, event shape {data.event_shape}")
 
     # --- generation at batch 10,000 (MeV out, transform included)
-    energies = torch.as_tensor(data.split.train.energies[: args.batch], device=device)
+    energies = torch.as_tensor(data.reference().energies, device=device)
     energies = energies.repeat(args.batch // len(energies) + 1)[: args.batch]
     gen_flops = count_flops(lambda: gen(energies))
     t = timed(lambda: gen(energies), device)
@@ -97,7 +100,7 @@ def main() -> None:
     print(f"generation: batch {args.batch}: {rate:,.0f} showers/s = {1e3 / rate:.4f} ms/shower; "
           f"MFU {gen_flops / t / peak_flops:.1%}")
 
-    # --- training steps (one batch each; the generator steps every n_critic)
+    # --- training steps (one batch each; the generator steps every critic_steps)
     batches = iter(())
     state = {"step": 0, "epoch": 0}
 
@@ -111,7 +114,7 @@ def main() -> None:
         model.training_step(batch, state["step"], opts)
         state["step"] += 1
 
-    n_cycle = getattr(model, "n_critic", 1)
+    n_cycle = getattr(model, "critic_steps", 1)
     cycle = lambda: [step() for _ in range(n_cycle)]  # noqa: E731 - a full critic+generator cycle
     train_flops = count_flops(cycle)
     t = timed(cycle, device)
