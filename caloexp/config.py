@@ -26,7 +26,7 @@ class TrainerConfig:
     checkpoint_every: int = 250
     metrics: list[str] = field(default_factory=lambda: ["separation", "images", "wasserstein"])
     classifier: Optional[Any] = None
-    monitor: str = "sep/mean"
+    monitor: str = "monitor/score"
 
 
 def register() -> None:

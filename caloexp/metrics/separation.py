@@ -46,6 +46,8 @@ EXTRA_FAMILIES = ("ECr", "width_r", "sparsity")
 
 def family(name: str) -> str:
     """Feature family of a column name (``E_layer_2`` -> ``E_layer``, ``E_ratio`` -> ``E_ratio``)."""
+    if name.startswith("E_layer_"):
+        return "E_layer"
     return name if name == "E_ratio" else name.rsplit("_layer", 1)[0]
 
 
