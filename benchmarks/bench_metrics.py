@@ -63,11 +63,12 @@ def main() -> None:
         features.compute(ref.energies, ref.showers, g), features.compute(gen.energies, gen.showers, g)))
     r, _ = timed("separation: features + histograms + separation powers",
                  lambda: metrics.evaluate(ref, gen, g, groups=["separation"]))
-    print(f"    sep/mean = {r['sep/mean']:.4f} over {sum(k.startswith('sep/') for k in r)} values")
+    print(f"    sep/mean = {r['sep/mean']:.4f} over {sum(k.startswith('sep/') for k in r)} values; "
+          f"monitor/score = {r['monitor/score']:.4f}")
     timed("images (average-image MSE/SSIM, per energy)", lambda: metrics.evaluate(ref, gen, g, groups=["images"]))
     timed("wasserstein (1D W1 of every feature)", lambda: metrics.evaluate(ref, gen, g, groups=["wasserstein"]))
     timed("FAST groups together (what the trainer runs)", lambda: metrics.evaluate(ref, gen, g))
-    r, _ = timed("fpd_kpd (jetnet defaults: FPD 20k-50k x 20 x 10, KPD 10 x 5k)",
+    r, _ = timed("fpd_kpd (official: 30 features, FPD 10k-50k x 20 x 10, KPD 10 x 10k)",
                  lambda: metrics.evaluate(ref, gen, g, groups=["fpd_kpd"]))
     print(f"    fpd = {r['fpd']:.2e} +- {r['fpd_err']:.1e}, kpd = {r['kpd']:.2e} +- {r['kpd_err']:.1e}")
     r, _ = timed("classifier, fast setting (low + high, 3 x 256, 10 epochs, 50k)",

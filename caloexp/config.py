@@ -31,7 +31,7 @@ class TrainerConfig:
     checkpoint_every: int = 250
     metrics: Optional[list[str]] = None
     classifier: Optional[Any] = None
-    monitor: str = "sep/mean"
+    monitor: str = "monitor/score"
 
 
 def validate_trainer(tc: Any) -> None:

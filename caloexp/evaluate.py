@@ -4,19 +4,18 @@
 
 Writes ``metrics.json`` (a flat dict of every metric, see ``docs/metrics.md``) and the
 validation PNGs to ``out``; with ``mlflow=true`` (new run) or ``mlflow_run=<id>`` (existing
-run) also logs them to MLflow. Files are streamed chunk by chunk (dataset 3 holds 40,500
-voxels per shower): features, histograms, average images and shower shapes are accumulated
-per chunk; only the classifier's low-level inputs (``classifier.max_showers`` per sample) and
-the plotted showers (``plot_bytes``) are held in memory.
+run) also logs them to MLflow. Files are streamed chunk by chunk through
+:func:`caloexp.metrics.evaluate_stream` (dataset 3 holds 40,500 voxels per shower): each metric
+group accumulates per chunk; only the classifier's low-level inputs (``classifier.max_showers``
+per sample) and the plotted showers (``plot_bytes``) are held in memory.
 """
 from __future__ import annotations
 
 import json
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import hydra
 import numpy as np
@@ -25,74 +24,31 @@ from omegaconf import DictConfig, OmegaConf
 from caloexp import geometry as geo
 from caloexp.cli import CONF_DIR, report_errors, run_hydra_app
 from caloexp.data import calochallenge
+from caloexp import metrics
 from caloexp.data.calochallenge import Showers
+from caloexp.data.sample import Sample
 from caloexp.errors import ConfigError, InputError
-from caloexp.metrics import ALL, distances, features, separation, shapes3d
-from caloexp.metrics.features import Features
+from caloexp.metrics import features
 
 log = logging.getLogger("caloexp.evaluate")
-
-
-@dataclass
-class SampleSummary:
-    """Everything the metrics need from one file, accumulated chunk by chunk."""
-
-    features: list[Features] = field(default_factory=list)
-    shapes: list[dict[str, np.ndarray]] = field(default_factory=list)
-    images: distances.AverageImages | None = None
-    voxel_max: float = 0.0
-    kept_e: list[np.ndarray] = field(default_factory=list)
-    kept_x: list[np.ndarray] = field(default_factory=list)
-    kept_rows: int = 0
-    n: int = 0
-
-    def feats(self) -> Features:
-        return Features.concatenate(self.features)
-
-    def shape_arrays(self) -> dict[str, np.ndarray]:
-        return {k: np.concatenate([s[k] for s in self.shapes]) for k in self.shapes[0]}
-
-    def kept(self) -> Showers:
-        return Showers(np.concatenate(self.kept_e), np.concatenate(self.kept_x))
 
 
 def chunk_rows(geometry: geo.Geometry, n_bytes: int) -> int:
     return max(1, int(n_bytes) // (4 * geometry.n_voxels))
 
 
-def summarise(path: Path, geometry: geo.Geometry, threshold: float, stop: int | None, chunk: int,
-              keep_rows: int) -> SampleSummary:
-    """One streaming pass: features, shapes, average images, voxel maximum, first ``keep_rows`` showers."""
-    s = SampleSummary(images=distances.AverageImages(geometry))
-    for c in calochallenge.iter_chunks(path, chunk, geometry, stop=stop):
-        x = features.apply_threshold(c.showers, threshold)
-        e = c.energies.astype(np.float64)
-        s.features.append(features.compute(e, x, geometry, threshold=0))
-        s.shapes.append(shapes3d.geometry_shapes(x, geometry))
-        s.images.add(e, x)
-        s.voxel_max = max(s.voxel_max, float(np.max(x, initial=0.0)))
-        if s.kept_rows < keep_rows:
-            take = keep_rows - s.kept_rows
-            s.kept_e.append(e[:take])
-            s.kept_x.append(x[:take])
-            s.kept_rows += len(e[:take])
-        s.n += len(e)
-    if s.n < 2:
-        raise InputError(f"{path}: holds {s.n} showers; an evaluation needs at least 2")
-    return s
+def file_source(path: Path, geometry: geo.Geometry, stop: int | None, chunk: int) -> Callable[[], Iterator[Sample]]:
+    """A re-iterable source of a CaloChallenge file for :func:`caloexp.metrics.evaluate_stream`."""
+    def chunks() -> Iterator[Sample]:
+        for c in calochallenge.iter_chunks(path, chunk, geometry, stop=stop):
+            yield Sample(c.showers, {"energy": c.energies.astype(np.float64)}, "calo")
+    return chunks
 
 
-def voxel_histogram(path: Path, geometry: geo.Geometry, threshold: float, stop: int | None, chunk: int,
-                    bins: np.ndarray) -> np.ndarray:
-    counts = np.zeros(len(bins) - 1)
-    for c in calochallenge.iter_chunks(path, chunk, geometry, stop=stop, check=False):
-        counts += separation.voxel_counts(features.apply_threshold(c.showers, threshold), bins)
-    return counts
-
-
-def read_head(path: Path, geometry: geo.Geometry, n: int, threshold: float) -> Showers:
+def read_head(path: Path, geometry: geo.Geometry, n: int) -> Showers:
+    """The first ``n`` showers of a file (for the plots)."""
     s = calochallenge.read(path, geometry, stop=n)
-    return Showers(s.energies.astype(np.float64), features.apply_threshold(s.showers, threshold))
+    return Showers(s.energies.astype(np.float64), s.showers)
 
 
 def resolve_geometry(spec: Any, reference: Path) -> geo.Geometry:
@@ -112,10 +68,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         if OmegaConf.is_missing(cfg, key):
             raise ConfigError(f"{key}=<file> is required (a CaloChallenge HDF5 file)")
     gen_path, ref_path, out = Path(str(cfg.generated)), Path(str(cfg.reference)), Path(str(cfg.out))
-    groups = list(cfg.metrics.groups)
-    unknown = sorted(set(groups) - set(ALL))
-    if unknown:
-        raise ConfigError(f"metrics.groups: unknown group(s) {unknown}; choose from {list(ALL)}")
+    groups = metrics.check_groups(list(cfg.metrics.groups), "calo", setting="metrics.groups")
     geometry = resolve_geometry(cfg.geometry, ref_path)
     for p in (ref_path, gen_path):
         calochallenge.inspect(p, geometry)  # missing, corrupt, or wrong voxel count: one line
@@ -124,39 +77,13 @@ def run(cfg: DictConfig) -> dict[str, float]:
     chunk = chunk_rows(geometry, int(cfg.chunk_bytes))
     keep = chunk_rows(geometry, int(cfg.plot_bytes)) if cfg.plots else 0
     cls_settings = OmegaConf.to_container(cfg.metrics.classifier, resolve=True) if cfg.metrics.classifier else None
-    seed = int(cfg.seed)
     t0 = time.perf_counter()
     log.info("evaluating %s against %s (%s, threshold %.4g MeV, groups %s)", gen_path, ref_path,
              geometry.name, thr, ",".join(groups))
-
-    ref = summarise(ref_path, geometry, thr, stop, chunk, keep)
-    gen = summarise(gen_path, geometry, thr, stop, chunk, keep)
-    rf, gf = ref.feats(), gen.feats()
-    result: dict[str, float] = {}
-    if "separation" in groups:
-        result.update(separation.separation_powers(rf, gf, geometry))
-        vb = separation.voxel_bins(geometry, ref.voxel_max)
-        result["sep/voxel"] = separation.separation_from_counts(
-            voxel_histogram(ref_path, geometry, thr, stop, chunk, vb),
-            voxel_histogram(gen_path, geometry, thr, stop, chunk, vb))
-    if "images" in groups:
-        result.update(distances.compare_average_images(ref.images, gen.images, geometry))
-    if "wasserstein" in groups:
-        result.update(distances.wasserstein(rf, gf, geometry))
-    if "fpd_kpd" in groups:
-        result.update(distances.fpd_kpd(features.classifier_features(rf), features.classifier_features(gf), seed=seed))
-    if "shapes3d" in groups:
-        result.update(shapes3d.compare_shapes(ref.shape_arrays(), gen.shape_arrays(), rf.E_inc, gf.E_inc, geometry))
-    if "classifier" in groups:
-        from caloexp.metrics import classifier as cls
-
-        settings = cls.resolve_settings(cls_settings)
-        low = [k for k in settings["inputs"] if k != "high"]
-        n_low = min(ref.n, gen.n, int(settings["max_showers"] or max(ref.n, gen.n)),
-                    chunk_rows(geometry, 1 << 30))  # low-level inputs: <= 1 GiB of voxels per sample
-        r_low = read_head(ref_path, geometry, n_low, thr) if low else None
-        g_low = read_head(gen_path, geometry, n_low, thr) if low else None
-        result.update(cls.classifier_metrics(r_low, g_low, geometry, rf, gf, settings=settings, seed=seed))
+    ev = metrics.evaluate_stream(file_source(ref_path, geometry, stop, chunk), file_source(gen_path, geometry, stop, chunk),
+                                 geometry, groups=groups, kind="calo", threshold=thr, classifier=cls_settings,
+                                 seed=int(cfg.seed))
+    result = ev.metrics
     result = {k: float(v) for k, v in sorted(result.items())}
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
@@ -165,12 +92,14 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if cfg.plots:
         from caloexp import plots
 
-        pngs = plots.plot_all(ref.kept(), gen.kept(), geometry, out, full=bool(cfg.metrics.get("plots_full", True)),
-                              threshold=0)
-    log.info("%d metrics in %.1f s, %d plots in %.1f s -> %s; sep/mean = %.4f", len(result), t_metrics,
-             len(pngs), time.perf_counter() - t0 - t_metrics, out, result.get("sep/mean", float("nan")))
+        # plots take the first showers of each file (features for the whole files are in ev)
+        pngs = plots.plot_all(read_head(ref_path, geometry, keep), read_head(gen_path, geometry, keep), geometry, out,
+                              full=bool(cfg.metrics.get("plots_full", True)), threshold=thr)
+    log.info("%d metrics in %.1f s, %d plots in %.1f s -> %s; sep/mean = %.4f, monitor/score = %.4f", len(result),
+             t_metrics, len(pngs), time.perf_counter() - t0 - t_metrics, out, result.get("sep/mean", float("nan")),
+             result.get("monitor/score", float("nan")))
     if cfg.mlflow or cfg.mlflow_run:
-        log_to_mlflow(cfg, result, out, pngs, geometry, ref.n, gen.n, thr)
+        log_to_mlflow(cfg, result, out, pngs, geometry, ev.n_reference, ev.n_generated, thr)
     return result
 
 

@@ -96,17 +96,16 @@ def evaluate(cfg: DictConfig, gen: sampling.EventGenerator, data: DataModule, st
     tc = cfg.trainer
     classifier = OmegaConf.to_container(tc.classifier, resolve=True) if tc.classifier else None
     groups = list(tc.metrics) if tc.metrics is not None else None
-    result = metrics.evaluate_sample(reference, fake, geometry=getattr(data, "geometry", None), groups=groups,
-                                     classifier=classifier, seed=cfg.seed)
+    ev = metrics.evaluate(reference, fake, getattr(data, "geometry", None), groups=groups, classifier=classifier,
+                          seed=cfg.seed, return_features=True)
+    result = dict(ev.metrics)
     result["perf/eval_s"] = time.perf_counter() - t0
     tracker.log_metrics(result, step)
     if plots_dir is not None and reference.kind == "calo":
         from caloexp import plots
-        from caloexp.data.calochallenge import Showers
 
         out = plots_dir / f"step_{step:07d}"
-        plots.plot_all(Showers(reference.energies, reference.showers), Showers(fake.energies, fake.showers),
-                       data.geometry, out)
+        plots.plot_all(reference, fake, data.geometry, out, features=(ev.reference_features, ev.generated_features))
         tracker.log_artifacts(out, f"plots/step_{step:07d}")
     return result
 
@@ -308,7 +307,13 @@ def check_monitor(cfg: DictConfig, gen: sampling.EventGenerator, data: DataModul
     groups = list(tc.metrics) if tc.metrics is not None else None
     ref = data.reference()
     small = ref.subset(slice(0, min(len(ref), 64)))
-    names = metrics.metric_names(small, geometry=getattr(data, "geometry", None), groups=groups)
+    cheap = None if groups is None else [g for g in groups if g not in ("classifier", "fpd_kpd")]
+    names = set(metrics.evaluate(small, small, getattr(data, "geometry", None), groups=cheap or None)) if cheap != [] \
+        else set()
+    if groups and "fpd_kpd" in groups:
+        names |= {"fpd", "fpd_err", "kpd", "kpd_err"}
+    if groups and "classifier" in groups:
+        names |= {f"cls/{p}_{i}" for p in ("auc", "jsd") for i in ("low", "low_normed", "high")}
     if monitor not in names:
         raise ConfigError(f"trainer.monitor={monitor!r} is not computed by trainer.metrics={groups} "
                           f"(available: {', '.join(sorted(names)[:15])}, ...)")

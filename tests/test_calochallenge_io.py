@@ -127,3 +127,39 @@ def test_hdf5_with_wrong_kind_of_content_names_the_accepted_format(tmp_path):
         cc.read(txt)
     with pytest.raises(InputError, match="is a directory; caloexp reads CaloChallenge HDF5"):
         cc.inspect(tmp_path)
+
+
+def _official_cls_low_input(path):
+    """What the official evaluate.py builds for cls-low: [log10 E_inc, voxel / E_inc, label], keeping the file's dtype."""
+    with h5py.File(path) as f:
+        e, x = f["incident_energies"][:], f["showers"][:]
+    return np.concatenate([np.log10(e), x / e, np.ones_like(e)], axis=1)
+
+
+def test_written_files_are_float64_by_default_so_the_official_classifier_runs(tmp_path):
+    torch = pytest.importorskip("torch")
+    e, s = random_showers(50)
+    gen = cc.write(tmp_path / "gen.hdf5", e, s, geometry=G)
+    with cc.ShowerWriter(tmp_path / "streamed.hdf5", 368) as w:
+        w.append(e, s)
+    ref32 = cc.write(tmp_path / "ref32.hdf5", e, s, geometry=G, dtype="float32")
+    gen32 = cc.write(tmp_path / "gen32.hdf5", e, s, geometry=G, dtype="float32")
+    for p in (gen, tmp_path / "streamed.hdf5"):
+        with h5py.File(p) as f:
+            assert f["showers"].dtype == np.float64 and f["incident_energies"].dtype == np.float64
+        np.testing.assert_array_equal(cc.read(p).showers, s)  # float32 input round-trips exactly
+    with h5py.File(ref32) as f:
+        assert f["showers"].dtype == np.float32
+    layer = torch.nn.Linear(369, 1).double()  # the official script sets torch's default dtype to float64
+    # the official ttv_split concatenates generated and reference rows: one float64 file is enough
+    layer(torch.tensor(np.concatenate([_official_cls_low_input(gen), _official_cls_low_input(ref32)])[:, :-1]))
+    with pytest.raises(RuntimeError, match="dtype"):  # the failure of issue 15 with two float32 files
+        layer(torch.tensor(np.concatenate([_official_cls_low_input(gen32), _official_cls_low_input(ref32)])[:, :-1]))
+
+
+def test_write_rejects_other_dtypes(tmp_path):
+    e, s = random_showers(5)
+    with pytest.raises(InputError, match="float16"):
+        cc.write(tmp_path / "x.hdf5", e, s, dtype="float16")
+    with pytest.raises(InputError, match="int32"):
+        cc.ShowerWriter(tmp_path / "y.hdf5", 368, dtype="int32")

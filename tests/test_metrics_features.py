@@ -54,7 +54,7 @@ def test_thresholds_follow_the_official_values():
     assert F.default_threshold(builtin("dataset_1_photons")) == 1.0
     assert F.default_threshold(builtin("dataset_1_pions")) == 1.0
     assert F.default_threshold(builtin("dataset_3")) == pytest.approx(0.5e-3 / 0.033)  # 15.15 keV
-    assert F.histogram_min_energy(builtin("dataset_1_pions")) == 10.0
+    assert F.histogram_min_energy(builtin("dataset_1_pions")) == 1.0  # official min_energy since 2024-01-25
     assert F.histogram_min_energy(builtin("dataset_2")) == pytest.approx(0.01515, rel=1e-3)
     x = np.array([[0.5, 1.0, 2.0]])
     np.testing.assert_array_equal(F.apply_threshold(x, 1.0), [[0.0, 1.0, 2.0]])
@@ -95,7 +95,7 @@ def test_vectorised_features_match_the_official_definitions(name):
         np.testing.assert_allclose(cols[k], v, rtol=1e-7, atol=1e-7, err_msg=k)
     assert np.isfinite(F.classifier_features(f)).all()
     n_alpha = len(F.alpha_layers(g))
-    assert F.classifier_features(f).shape == (300, 1 + g.n_layers + 4 * n_alpha)
+    assert F.classifier_features(f).shape == (300, 2 + 4 * g.n_layers + 4 * n_alpha) == (300, F.high_level_dim(g))
 
 
 def test_geometry_mismatch_is_rejected():

@@ -40,12 +40,11 @@ def test_identical_samples_give_zero_and_disjoint_give_one():
     g = builtin("dataset_1_photons")
     f = _features(g, 500, 0)
     out = S.separation_powers(f, f, g)
-    assert out["sep/mean"] == 0.0 and all(v == 0.0 for v in out.values())
-    # disjoint: generated energies 100x larger -> E_ratio and E_layer histograms do not overlap
-    rng = np.random.default_rng(1)
-    e = rng.choice(2.0 ** np.arange(8, 23), 500)
+    assert out["sep/mean"] == 0.0 and all(v == 0.0 for k, v in out.items() if not k.startswith("sep/outside"))
+    # disjoint: E_ratio 0.7 vs 1.2, E_layer differs by a factor 1.7 > one log bin (1.47)
+    e = np.full(500, 65536.0)
     x_ref = np.zeros((500, g.n_voxels))
-    x_ref[:, 0] = 0.8 * e   # E_ratio 0.8 for the reference ...
+    x_ref[:, 0] = 0.7 * e   # E_ratio 0.7 for the reference ...
     x_gen = x_ref.copy()
     x_gen[:, 0] = 1.2 * e   # ... 1.2 for the generated sample
     d = S.separation_powers(F.compute(e, x_ref, g, 0), F.compute(e, x_gen, g, 0), g)
@@ -57,19 +56,26 @@ def test_protocol_binnings():
     g = builtin("dataset_1_pions")
     f = _features(g, 200, 2)
     b = S.feature_binnings(g, f)
-    np.testing.assert_allclose(b["E_ratio"], np.linspace(0.5, 1.5, 31))
-    np.testing.assert_allclose(b["ECeta_layer_1"], np.linspace(-100, 100, 51))
-    np.testing.assert_allclose(b["ECphi_layer_12"], np.linspace(-500, 500, 51))
-    np.testing.assert_allclose(b["width_eta_layer_13"], np.linspace(0, 400, 51))
-    np.testing.assert_allclose(b["sparsity_layer_0"], np.linspace(0, 1, 20))
+    # official evaluate_plotting_helper.py: 101 edges for E_tot/E_inc, centres and widths
+    np.testing.assert_allclose(b["E_ratio"], np.linspace(0.5, 1.5, 101))
+    np.testing.assert_allclose(b["ECeta_layer_1"], np.linspace(-100, 100, 101))
+    np.testing.assert_allclose(b["ECphi_layer_12"], np.linspace(-500, 500, 101))
+    np.testing.assert_allclose(b["width_eta_layer_13"], np.linspace(0, 400, 101))
+    np.testing.assert_allclose(b["width_phi_layer_1"], np.linspace(0, 100, 101))
+    # extras: the official helper functions' binnings (plot_sparsity, plot_ECR, plot_ECWidthR)
+    np.testing.assert_allclose(b["sparsity_layer_0"], np.linspace(0, 1, 21))
+    np.testing.assert_allclose(b["ECr_layer_14"], np.linspace(0, 1500, 101))
+    np.testing.assert_allclose(b["width_r_layer_2"], np.linspace(0, 500, 101))
     e_bins = b["E_layer_2"]
-    assert len(e_bins) == 40 and e_bins[0] == pytest.approx(10.0)
+    assert len(e_bins) == 40 and e_bins[0] == pytest.approx(1.0)  # min_energy 1 MeV for dataset 1
     assert e_bins[-1] == pytest.approx(f.E_layer[:, 2].max())
     assert "ECeta_layer_0" not in b  # layer 0 has one alpha bin
     g3 = builtin("dataset_2")
     b3 = S.feature_binnings(g3, _features(g3, 50, 3))
-    np.testing.assert_allclose(b3["ECeta_layer_7"], np.linspace(-30, 30, 51))
-    np.testing.assert_allclose(b3["width_phi_layer_44"], np.linspace(0, 30, 51))
+    np.testing.assert_allclose(b3["ECeta_layer_7"], np.linspace(-30, 30, 101))
+    np.testing.assert_allclose(b3["width_phi_layer_44"], np.linspace(0, 30, 101))
+    np.testing.assert_allclose(b3["ECr_layer_3"], np.linspace(0, 42, 101))
+    np.testing.assert_allclose(b3["width_r_layer_3"], np.linspace(0, 20, 101))
     assert b3["E_layer_0"][0] == pytest.approx(0.5e-3 / 0.033)
 
 

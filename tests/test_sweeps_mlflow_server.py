@@ -16,7 +16,7 @@ from sweeper_toy_app.mlflow_fixtures import (  # noqa: F401 - fixtures
     EXPERIMENT, N_TRIALS, REPO, STUDY, mlflow_server, real_sweep)
 
 pytestmark = pytest.mark.slow
-METRIC = "sep/mean"
+METRIC = "monitor/score"
 PARAMS = ("optimizer.generator.lr", "optimizer.critic.lr")
 
 

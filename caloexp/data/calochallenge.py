@@ -181,17 +181,32 @@ def read(path: str | Path, geometry: Geometry | None = None, start: int = 0,
     return Showers(np.concatenate([p.energies for p in parts]), np.concatenate([p.showers for p in parts]))
 
 
+#: dtype of written files: float64 as the official CaloChallenge datasets, so the official
+#: ``evaluate.py`` (which runs its classifier in float64 and keeps the files' dtype) reads them in
+#: every mode, whatever the reference's dtype. ``dtype="float32"`` halves the size (then the
+#: official ``cls-low``/``cls-low-normed`` modes need a float64 reference).
+WRITE_DTYPE = "float64"
+
+
+def _write_dtype(dtype: str | np.dtype, path: Path) -> np.dtype:
+    dt = np.dtype(dtype)
+    if dt not in (np.dtype("float64"), np.dtype("float32")):
+        raise InputError(f"{path}: cannot write dtype {dt}; CaloChallenge files are float64 (default) or float32")
+    return dt
+
+
 def write(path: str | Path, energies: np.ndarray, showers: np.ndarray,
           geometry: Geometry | None = None, compression: str | None = "gzip",
-          attrs: dict | None = None) -> Path:
-    """Write a CaloChallenge-format file (energies (N,1), showers (N,V), float32, MeV).
+          attrs: dict | None = None, dtype: str | np.dtype = WRITE_DTYPE) -> Path:
+    """Write a CaloChallenge-format file (energies (N,1), showers (N,V), MeV, ``dtype`` float64 by default).
 
     The file is written to a temporary name and renamed, so a crash never leaves a
     half-written file that looks complete.
     """
     path = Path(path)
-    energies = np.asarray(energies, dtype=np.float32).reshape(-1, 1)
-    showers = np.asarray(showers, dtype=np.float32)
+    dt = _write_dtype(dtype, path)
+    energies = np.asarray(energies, dtype=dt).reshape(-1, 1)
+    showers = np.asarray(showers, dtype=dt)
     if showers.ndim != 2 or showers.shape[0] != energies.shape[0]:
         raise InputError(f"{path}: cannot write showers of shape {showers.shape} with {energies.shape[0]} energies")
     if geometry is not None and showers.shape[1] != geometry.n_voxels:
@@ -201,7 +216,8 @@ def write(path: str | Path, energies: np.ndarray, showers: np.ndarray,
     tmp = path.with_name(path.name + ".part")
     with h5py.File(tmp, "w") as f:
         f.create_dataset(ENERGY_KEY, data=energies, compression=compression)
-        chunks = (min(len(showers), max(1, 2**20 // max(1, showers.shape[1]))), showers.shape[1]) if len(showers) else None
+        rows = max(1, 2**20 // max(1, showers.shape[1] * dt.itemsize // 4))
+        chunks = (min(len(showers), rows), showers.shape[1]) if len(showers) else None
         f.create_dataset(SHOWER_KEY, data=showers, compression=compression, chunks=chunks)
         for k, v in (attrs or {}).items():
             f.attrs[k] = v
@@ -210,26 +226,28 @@ def write(path: str | Path, energies: np.ndarray, showers: np.ndarray,
 
 
 class ShowerWriter:
-    """Append showers chunk by chunk to a CaloChallenge file (for generation at scale)."""
+    """Append showers chunk by chunk to a CaloChallenge file (for generation at scale), float64 by default."""
 
-    def __init__(self, path: str | Path, n_voxels: int, compression: str | None = "gzip"):
+    def __init__(self, path: str | Path, n_voxels: int, compression: str | None = "gzip",
+                 dtype: str | np.dtype = WRITE_DTYPE):
         self.path = Path(path)
+        self.dtype = _write_dtype(dtype, self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = self.path.with_name(self.path.name + ".part")
         self._f = h5py.File(self._tmp, "w")
-        self._e = self._f.create_dataset(ENERGY_KEY, shape=(0, 1), maxshape=(None, 1), dtype="f4",
+        self._e = self._f.create_dataset(ENERGY_KEY, shape=(0, 1), maxshape=(None, 1), dtype=self.dtype,
                                          chunks=(4096, 1), compression=compression)
-        rows = max(1, 2**20 // n_voxels)
+        rows = max(1, 2**22 // (n_voxels * self.dtype.itemsize))  # ~4 MB chunks
         self._s = self._f.create_dataset(SHOWER_KEY, shape=(0, n_voxels), maxshape=(None, n_voxels),
-                                         dtype="f4", chunks=(rows, n_voxels), compression=compression)
+                                         dtype=self.dtype, chunks=(rows, n_voxels), compression=compression)
 
     def append(self, energies: np.ndarray, showers: np.ndarray) -> None:
         n0, n = self._e.shape[0], len(energies)
         validate(np.asarray(energies).reshape(-1), showers, str(self.path), row0=n0)
         self._e.resize(n0 + n, axis=0)
         self._s.resize(n0 + n, axis=0)
-        self._e[n0:] = np.asarray(energies, np.float32).reshape(-1, 1)
-        self._s[n0:] = np.asarray(showers, np.float32)
+        self._e[n0:] = np.asarray(energies, self.dtype).reshape(-1, 1)
+        self._s[n0:] = np.asarray(showers, self.dtype)
 
     def close(self) -> Path:
         self._f.close()

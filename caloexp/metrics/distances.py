@@ -7,11 +7,13 @@
   each sample (not unrelated random pairs), per layer as (alpha, r) images of the energy
   fraction voxel / E_inc, over all showers and per incident-energy bin.
 * ``fpd``/``kpd``: Fréchet and kernel physics distances (Kansal et al., arXiv:2211.10295) on
-  the high-level feature vector, as implemented in jetnet 0.2.5 ``evaluation.fpd``/``kpd``:
-  features divided by the reference's max |value|; FPD measured on bootstrap batches of
-  sizes regularly spaced in 1/N between ``min_samples`` and ``max_samples`` and linearly
-  extrapolated to 1/N = 0 (value and fit error); KPD the median over batches of the unbiased
-  quadratic MMD with the kernel (x.y/d + 1)^4, error = half the 16-84 % inter-quantile range.
+  the official 30-feature high-level vector, with the settings of the official evaluate.py
+  (commit ad3a816, 2025-01-02: ``fpd(..., min_samples=10000)``, ``kpd(..., batch_size=10000)``)
+  and the algorithm and random streams of jetnet 0.2.5 ``evaluation.fpd``/``kpd``: features
+  divided by the reference's max |value|; FPD measured on bootstrap batches of sizes regularly
+  spaced in 1/N between ``min_samples`` and ``max_samples`` and linearly extrapolated to
+  1/N = 0 (value and fit error); KPD the median over batches of the unbiased quadratic MMD with
+  the kernel (x.y/d + 1)^4, error = half the 16-84 % inter-quantile range.
 """
 from __future__ import annotations
 
@@ -177,24 +179,26 @@ def frechet_distance(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.nd
     return float(diff.dot(diff) + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(covmean))
 
 
-def fpd(reference: np.ndarray, generated: np.ndarray, min_samples: int = 20_000, max_samples: int = 50_000,
+def fpd(reference: np.ndarray, generated: np.ndarray, min_samples: int = 10_000, max_samples: int = 50_000,
         num_batches: int = 20, num_points: int = 10, seed: int = 42) -> tuple[float, float]:
     """Fréchet physics distance extrapolated to infinite sample size: (value, error).
 
-    Batch sizes are capped by the sample sizes (small samples: min = max/2.5 of what there is).
+    Same batches as jetnet (one ``default_rng(seed)`` stream, ``choice`` with replacement), so
+    the value equals the official one for samples of at least ``max_samples``. Batch sizes are
+    capped by the sample sizes (small samples: min = max/5 of what there is).
     """
     x, y = normalise_features(np.asarray(reference, np.float64), np.asarray(generated, np.float64))
     n = min(len(x), len(y))
     max_n = min(max_samples, n)
-    min_n = min(min_samples, max(2, int(max_n / 2.5)))
-    sizes = (1.0 / np.linspace(1.0 / min_n, 1.0 / max_n, num_points)).astype(int)
+    min_n = min(min_samples, max(2, int(max_n * min_samples / max_samples)))
+    sizes = (1.0 / np.linspace(1.0 / min_n, 1.0 / max_n, num_points)).astype("int32")
     rng = np.random.default_rng(seed)
     vals = []
     for size in sizes:
         pts = []
         for _ in range(num_batches):
-            a = x[rng.integers(0, len(x), size)]
-            b = y[rng.integers(0, len(y), size)]
+            a = x[rng.choice(len(x), size=size)]
+            b = y[rng.choice(len(y), size=size)]
             pts.append(frechet_distance(a.mean(0), np.atleast_2d(np.cov(a, rowvar=False)),
                                         b.mean(0), np.atleast_2d(np.cov(b, rowvar=False))))
         vals.append(np.mean(pts))
@@ -209,42 +213,61 @@ def fpd(reference: np.ndarray, generated: np.ndarray, min_samples: int = 20_000,
     return float(params[0]), err
 
 
-def _poly_kernel_sum(a: np.ndarray, b: np.ndarray, degree: int = 4, block: int = 2048) -> tuple[float, float]:
-    """(sum of all entries, trace) of the kernel matrix (a.b/d + 1)^degree, built in row blocks."""
-    total, trace = 0.0, 0.0
-    scale = 1.0 / a.shape[1]
-    for i in range(0, len(a), block):
-        k = a[i:i + block] @ b.T
-        k *= scale
-        k += 1.0
-        if degree == 4:  # two in-place squarings: much faster than a float power
-            np.multiply(k, k, out=k)
-            np.multiply(k, k, out=k)
-        else:
-            np.power(k, degree, out=k)
-        total += float(k.sum())
-        if a is b:
-            trace += float(np.trace(k[:, i:i + block]))
-    return total, trace
+def _augment(a: np.ndarray) -> np.ndarray:
+    """[a / sqrt(d), 1]: then a'.b' = a.b / d + 1, the kernel's base, in one matrix product."""
+    return np.concatenate([a / np.sqrt(a.shape[1]), np.ones((len(a), 1))], axis=1)
 
 
-def mmd_poly_unbiased(x: np.ndarray, y: np.ndarray, degree: int = 4) -> float:
-    """Unbiased quadratic MMD^2 estimate with the kernel (x.y/d + 1)^degree."""
+def _pow4_sum(k: np.ndarray) -> float:
+    np.multiply(k, k, out=k)  # two in-place squarings: much faster than a float power
+    np.multiply(k, k, out=k)
+    return float(k.sum())
+
+
+def _poly_kernel_sum(a: np.ndarray, b: np.ndarray | None, block: int = 256) -> tuple[float, float]:
+    """(sum of all entries, trace) of the kernel matrix (a.b/d + 1)^4, built in row blocks.
+
+    ``b=None`` means b = a: only the upper triangle is built (the matrix is symmetric).
+    """
+    a1 = _augment(a)
+    if b is None:
+        total, trace = 0.0, 0.0
+        for i in range(0, len(a1), block):
+            k = a1[i:i + block] @ a1[i:].T
+            np.multiply(k, k, out=k)
+            np.multiply(k, k, out=k)
+            n = min(block, len(a1) - i)
+            diag_block = k[:, :n]
+            trace += float(np.trace(diag_block))
+            total += float(diag_block.sum()) + 2.0 * float(k[:, n:].sum())
+        return total, trace
+    b1 = _augment(b)
+    return sum(_pow4_sum(a1[i:i + block] @ b1.T) for i in range(0, len(a1), block)), 0.0
+
+
+def mmd_poly_unbiased(x: np.ndarray, y: np.ndarray) -> float:
+    """Unbiased quadratic MMD^2 estimate with the kernel (x.y/d + 1)^4."""
     m, n = len(x), len(y)
-    sxx, txx = _poly_kernel_sum(x, x, degree)
-    syy, tyy = _poly_kernel_sum(y, y, degree)
-    sxy, _ = _poly_kernel_sum(x, y, degree)
+    sxx, txx = _poly_kernel_sum(x, None)
+    syy, tyy = _poly_kernel_sum(y, None)
+    sxy, _ = _poly_kernel_sum(x, y)
     return float((sxx - txx) / (m * (m - 1)) + (syy - tyy) / (n * (n - 1)) - 2.0 * sxy / (m * n))
 
 
-def kpd(reference: np.ndarray, generated: np.ndarray, num_batches: int = 10, batch_size: int = 5_000,
+def kpd(reference: np.ndarray, generated: np.ndarray, num_batches: int = 10, batch_size: int = 10_000,
         seed: int = 42) -> tuple[float, float]:
-    """Kernel physics distance: median over batches and half the 16-84 % inter-quantile range."""
+    """Kernel physics distance: median over batches and half the 16-84 % inter-quantile range.
+
+    Batch i draws with ``default_rng(seed + 1000 i)`` as jetnet's serial path does.
+    """
     x, y = normalise_features(np.asarray(reference, np.float64), np.asarray(generated, np.float64))
     size = max(2, min(batch_size, len(x), len(y)))
-    rng = np.random.default_rng(seed)
-    vals = np.array([mmd_poly_unbiased(x[rng.integers(0, len(x), size)], y[rng.integers(0, len(y), size)])
-                     for _ in range(num_batches)])
+    vals = []
+    for i in range(num_batches):
+        rng = np.random.default_rng(seed + i * 1000)
+        a = x[rng.choice(len(x), size=size)]
+        vals.append(mmd_poly_unbiased(a, y[rng.choice(len(y), size=size)]))
+    vals = np.asarray(vals)
     vals = np.nan_to_num(vals, nan=1e6, posinf=1e6)
     lo, hi = np.percentile(vals, [16.275, 83.725])
     return float(np.median(vals)), float((hi - lo) / 2)

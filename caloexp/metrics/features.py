@@ -32,9 +32,10 @@ EPS = 1e-16  # the official denominator guard
 THRESHOLD_DS23 = 0.5e-3 / 0.033
 #: Voxel threshold for dataset 1 (MeV), as specified for this project (issue 3).
 THRESHOLD_DS1 = 1.0
-#: ``min_energy`` of the official evaluate.py for dataset 1: lower edge of the log-binned
-#: energy-per-layer and voxel-energy histograms (MeV). For ds2/3 it equals THRESHOLD_DS23.
-HIST_MIN_DS1 = 10.0
+#: ``min_energy`` of the official evaluate.py for dataset 1 since 2024-01-25 (commit e1109af; 10 MeV
+#: in the 2022 code): lower edge of the log-binned energy-per-layer and voxel-energy histograms (MeV).
+#: For ds2/3 it equals THRESHOLD_DS23.
+HIST_MIN_DS1 = 1.0
 
 #: Per-layer feature families, in the order they appear in metric names.
 LAYER_FEATURES = ("E_layer", "ECeta", "ECphi", "width_eta", "width_phi", "ECr", "width_r", "sparsity")
@@ -175,10 +176,17 @@ def _compute_chunk(e_inc: np.ndarray, x: np.ndarray, g: Geometry, thr: float) ->
 
 
 def classifier_features(f: Features) -> np.ndarray:
-    """The official ``cls-high`` input vector (also the FPD/KPD features).
+    """The official high-level vector: ``cls-high`` input and the FPD/KPD features (30 for dataset-1 photons).
 
-    [log10 E_inc, log10(E_layer + 1e-8), ECeta/100, ECphi/100, width_eta/100, width_phi/100]
-    as in ``prepare_high_data_for_classifier`` of the official evaluate.py (mm -> 100 mm units).
+    As ``prepare_high_data_for_classifier`` of the official evaluate.py since 2023-11-27 (mm -> 100 mm):
+    [log10 E_inc, log10(E_layer + 1e-8), ECeta/100, ECphi/100, width_eta/100, width_phi/100,
+    log10(E_tot + 1e-8), sparsity, ECr/100, width_r/100]. The 2022 vector stopped after width_phi.
     """
     return np.concatenate([np.log10(f.E_inc)[:, None], np.log10(f.E_layer + 1e-8),
-                           f.ECeta / 1e2, f.ECphi / 1e2, f.width_eta / 1e2, f.width_phi / 1e2], axis=1)
+                           f.ECeta / 1e2, f.ECphi / 1e2, f.width_eta / 1e2, f.width_phi / 1e2,
+                           np.log10(f.E_tot + 1e-8)[:, None], f.sparsity, f.ECr / 1e2, f.width_r / 1e2], axis=1)
+
+
+def high_level_dim(geometry: Geometry) -> int:
+    """Length of :func:`classifier_features`: 2 + 4 L + 4 L_alpha (30 for dataset-1 photons)."""
+    return 2 + 4 * geometry.n_layers + 4 * len(alpha_layers(geometry))

@@ -1,26 +1,31 @@
-"""Histograms with the CaloChallenge binnings and their separation power.
+"""Histograms with the official CaloChallenge binnings and their separation power.
 
 Separation power (triangular discrimination, eq. 15 of arXiv:2009.03796) of two histograms
 normalised to unit sum: ``S = 0.5 * sum_i (h1_i - h2_i)^2 / (h1_i + h2_i)``; 0 for identical
-and 1 for disjoint distributions. As in the official code (``plt.hist(..., density=True)``),
-entries outside the binning range are dropped and each histogram is normalised over its
-in-range entries.
+and 1 for disjoint distributions. As in the official code (``plt.hist(..., density=True)`` times
+the bin widths) ``sep/<feature>`` drops entries outside the binning range and normalises each
+histogram over its in-range entries. That makes it blind to a runaway energy scale, so
+``sep/mean_with_overflow`` repeats the official features with an underflow and an overflow bin
+(NaN counts as overflow), normalised over all entries: the monitored separation.
 
-Binnings (official ``evaluate_plotting_helper.py``, CaloChallenge/homepage):
+Binnings follow ``evaluate_plotting_helper.py`` of CaloChallenge/homepage (last changed
+2023-10-06) with the ``min_energy`` of ``evaluate.py`` at commit ad3a816 (2025-01-02):
 
 =====================  ==========================================================================
-E_tot / E_inc          linspace(0.5, 1.5, 31)
+E_tot / E_inc          linspace(0.5, 1.5, 101)
 E_tot / E_inc per E    ds1 only, per incident energy 2^k MeV: linspace(0.4, 1.4, 21); photons
                        above 4 GeV (k > 11): linspace(0.9, 1.1, 21)
 E_layer                logspace(log10(min_energy), log10(max of reference), 40)
-EC eta / phi           linspace(-L, L, 51): L = 30 mm (ds2/3), 500 mm (ds1 layers 12, 13), else 100 mm
-width eta / phi        linspace(0, W, 51):  W = 30 mm (ds2/3), 400 mm (ds1 layers 12, 13), else 100 mm
-sparsity               the hit fraction 1 - sparsity in linspace(0, 1, 20)
+EC eta / phi           linspace(-L, L, 101): L = 30 mm (ds2/3), 500 mm (ds1 layers 12, 13), else 100 mm
+width eta / phi        linspace(0, W, 101):  W = 30 mm (ds2/3), 400 mm (ds1 layers 12, 13), else 100 mm
 voxel energies         logspace(log10(min_energy), log10(max of reference), 50), all voxels
-EC r, width r          linspace(0, max of reference, 51)   (caloexp: not in the public helper)
+---------------------  -------------- extras: helper functions the official mode does not call ----
+sparsity               linspace(0, 1, 21) of the zero fraction
+EC r                   linspace(0, R, 101): R = 42 mm (ds2/3), 1500 mm (ds1 layers 12-14), else 500 mm
+width r                linspace(0, R, 101): R = 20 mm (ds2/3), 1500 mm (ds1 layers 12-14), else 500 mm
 =====================  ==========================================================================
 
-``min_energy`` is 10 MeV for dataset 1 and 0.5 keV / 0.033 for datasets 2-3.
+``min_energy`` is 1 MeV for dataset 1 and 0.5 keV / 0.033 for datasets 2-3.
 
 Degenerate cases (documented, never NaN): a histogram with no entry in range is treated as
 maximally different from a non-empty one (S = 1); two empty histograms give S = 0.
@@ -33,14 +38,44 @@ from caloexp.geometry import Geometry
 from caloexp.metrics.features import ALPHA_FEATURES, Features, alpha_layers, histogram_min_energy, is_ds23
 
 DS1_ENERGIES = 2.0 ** np.arange(8, 23)  # 256 MeV .. 4 TeV
+#: Feature families whose histograms the official ``hist`` mode compares (with E_ratio): ``sep/mean``.
+OFFICIAL_FAMILIES = ("E_layer", "ECeta", "ECphi", "width_eta", "width_phi")
+#: Families caloexp adds (official binnings of helper functions the official mode does not call): ``sep/mean_extra``.
+EXTRA_FAMILIES = ("ECr", "width_r", "sparsity")
+
+
+def family(name: str) -> str:
+    """Feature family of a column name (``E_layer_2`` -> ``E_layer``, ``E_ratio`` -> ``E_ratio``)."""
+    if name.startswith("E_layer_"):
+        return "E_layer"
+    return name if name == "E_ratio" else name.rsplit("_layer", 1)[0]
+
+
+def is_official(name: str) -> bool:
+    """True for the features whose separations the official ``hist`` mode reports (E_ratio, E, EC, widths)."""
+    return family(name) in ("E_ratio",) + OFFICIAL_FAMILIES
 
 
 def normalised_histogram(values: np.ndarray, bins: np.ndarray) -> np.ndarray:
-    """Counts of finite ``values`` in ``bins`` divided by their in-range total (zeros if none)."""
-    values = np.asarray(values)
-    counts = np.histogram(values[np.isfinite(values)], bins=bins)[0].astype(np.float64)
+    """Counts of ``values`` in ``bins`` divided by their in-range total (zeros if none): the official way."""
+    counts = np.histogram(_finite(values), bins=bins)[0].astype(np.float64)
     total = counts.sum()
     return counts / total if total > 0 else counts
+
+
+def counts_with_overflow(values: np.ndarray, bins: np.ndarray) -> np.ndarray:
+    """Raw counts [underflow, bins..., overflow] (len(bins) + 1); NaN and +-inf go to the outer bins."""
+    values = np.asarray(values).ravel()
+    fin = np.isfinite(values)
+    inner = np.histogram(values[fin], bins=bins)[0].astype(np.float64)
+    under = float(np.count_nonzero(values[fin] < bins[0])) + float(np.count_nonzero(values == -np.inf))
+    over = float(len(values) - inner.sum() - under)  # above the range, +inf and NaN
+    return np.concatenate([[under], inner, [over]])
+
+
+def _finite(values: np.ndarray) -> np.ndarray:
+    values = np.asarray(values).ravel()
+    return values[np.isfinite(values)]
 
 
 def separation_power(h1: np.ndarray, h2: np.ndarray) -> float:
@@ -66,42 +101,32 @@ def _log_bins(lo: float, hi: float, n_edges: int) -> np.ndarray:
     return np.logspace(np.log10(lo), np.log10(hi), n_edges)
 
 
-def _lin_to_max(ref: np.ndarray, n_edges: int = 51) -> np.ndarray:
-    finite = ref[np.isfinite(ref)]
-    hi = float(finite.max()) if finite.size else 0.0
-    return np.linspace(0.0, hi if hi > 0 else 1.0, n_edges)
-
-
 def feature_binnings(geometry: Geometry, reference: Features) -> dict[str, np.ndarray]:
-    """Bin edges per feature name (as in :meth:`Features.columns`), some from the reference sample."""
+    """Bin edges per feature name (as in :meth:`Features.columns`); E_layer bins depend on the reference."""
     ds23 = is_ds23(geometry)
     emin = histogram_min_energy(geometry)
     ids = geometry.layer_ids
-    bins: dict[str, np.ndarray] = {"E_ratio": np.linspace(0.5, 1.5, 31)}
+    bins: dict[str, np.ndarray] = {"E_ratio": np.linspace(0.5, 1.5, 101)}
     for j, lid in enumerate(ids):
         bins[f"E_layer_{lid}"] = _log_bins(emin, float(np.max(reference.E_layer[:, j], initial=0.0)), 40)
     for lid in (ids[i] for i in alpha_layers(geometry)):
         big = (not ds23) and lid in (12, 13)
         lim = 30.0 if ds23 else (500.0 if big else 100.0)
         wid = 30.0 if ds23 else (400.0 if big else 100.0)
-        bins[f"ECeta_layer_{lid}"] = bins[f"ECphi_layer_{lid}"] = np.linspace(-lim, lim, 51)
-        bins[f"width_eta_layer_{lid}"] = bins[f"width_phi_layer_{lid}"] = np.linspace(0.0, wid, 51)
-    for j, lid in enumerate(ids):
-        bins[f"ECr_layer_{lid}"] = _lin_to_max(reference.ECr[:, j])
-        bins[f"width_r_layer_{lid}"] = _lin_to_max(reference.width_r[:, j])
-        bins[f"sparsity_layer_{lid}"] = np.linspace(0.0, 1.0, 20)
+        bins[f"ECeta_layer_{lid}"] = bins[f"ECphi_layer_{lid}"] = np.linspace(-lim, lim, 101)
+        bins[f"width_eta_layer_{lid}"] = bins[f"width_phi_layer_{lid}"] = np.linspace(0.0, wid, 101)
+    for lid in ids:
+        big = (not ds23) and lid in (12, 13, 14)
+        bins[f"ECr_layer_{lid}"] = np.linspace(0.0, 42.0 if ds23 else (1500.0 if big else 500.0), 101)
+        bins[f"width_r_layer_{lid}"] = np.linspace(0.0, 20.0 if ds23 else (1500.0 if big else 500.0), 101)
+        bins[f"sparsity_layer_{lid}"] = np.linspace(0.0, 1.0, 21)
     return bins
 
 
-def _hist_values(name: str, values: np.ndarray) -> np.ndarray:
-    # the official code histograms the hit fraction (1 - sparsity)
-    return 1.0 - values if name.startswith("sparsity") else values
-
-
 def feature_histograms(features: Features, geometry: Geometry, bins: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Normalised histogram of every feature with the given binnings."""
+    """Normalised (official, in-range) histogram of every feature with the given binnings."""
     cols = features.columns(geometry)
-    return {name: normalised_histogram(_hist_values(name, cols[name]), b) for name, b in bins.items()}
+    return {name: normalised_histogram(cols[name], b) for name, b in bins.items()}
 
 
 def voxel_bins(geometry: Geometry, reference_max: float) -> np.ndarray:
@@ -110,7 +135,7 @@ def voxel_bins(geometry: Geometry, reference_max: float) -> np.ndarray:
 
 
 def voxel_counts(showers: np.ndarray, bins: np.ndarray) -> np.ndarray:
-    """Raw counts of all voxel energies in ``bins`` (accumulate over chunks for streaming)."""
+    """Raw in-range counts of all voxel energies in ``bins`` (accumulate over chunks for streaming)."""
     return np.histogram(np.asarray(showers).ravel(), bins=bins)[0].astype(np.float64)
 
 
@@ -129,19 +154,35 @@ def separation_powers(reference: Features, generated: Features, geometry: Geomet
                       bins: dict[str, np.ndarray] | None = None) -> dict[str, float]:
     """``sep/<feature>`` for every high-level feature, per-energy E_ratio (ds1) and the means.
 
-    ``sep/mean`` averages all high-level feature histograms (E_ratio and every per-layer
-    feature); ``sep/mean_<family>`` averages one family over layers. The per-energy
-    ``sep/E_ratio_Einc_<MeV>`` values (only energies present in both samples) are averaged in
-    ``sep/E_ratio_per_energy`` and are not part of ``sep/mean``.
+    ``sep/mean`` averages the official feature histograms (E_ratio, E_layer, EC eta/phi, widths
+    eta/phi; :func:`is_official`), so it compares with published numbers; ``sep/mean_extra``
+    averages caloexp's extras (sparsity, EC r, width r); ``sep/mean_<family>`` one family over
+    layers. ``sep/mean_with_overflow`` is ``sep/mean`` with under- and overflow bins and
+    ``sep/outside_gen`` / ``sep/outside_ref`` the mean fraction of entries outside the official
+    ranges. The per-energy ``sep/E_ratio_Einc_<MeV>`` values (energies present in both samples)
+    are averaged in ``sep/E_ratio_per_energy``; they and ``sep/voxel`` are not part of the means.
     """
     bins = bins or feature_binnings(geometry, reference)
-    h_ref = feature_histograms(reference, geometry, bins)
-    h_gen = feature_histograms(generated, geometry, bins)
-    out = {f"sep/{name}": separation_power(h_ref[name], h_gen[name]) for name in bins}
-    out["sep/mean"] = float(np.mean([out[f"sep/{n}"] for n in bins]))
-    families = ("E_layer",) + tuple(f for f in ("ECeta", "ECphi", "width_eta", "width_phi", "ECr", "width_r", "sparsity"))
-    for fam in families:
-        vals = [v for k, v in out.items() if k.startswith(f"sep/{fam}_") and not k.startswith("sep/mean")]
+    ref_cols, gen_cols = reference.columns(geometry), generated.columns(geometry)
+    out: dict[str, float] = {}
+    with_of, out_ref, out_gen = [], [], []
+    for name, b in bins.items():
+        cr, cg = counts_with_overflow(ref_cols[name], b), counts_with_overflow(gen_cols[name], b)
+        out[f"sep/{name}"] = separation_from_counts(cr[1:-1], cg[1:-1])
+        if is_official(name):
+            with_of.append(separation_from_counts(cr, cg))
+            out_ref.append((cr[0] + cr[-1]) / max(cr.sum(), 1.0))
+            out_gen.append((cg[0] + cg[-1]) / max(cg.sum(), 1.0))
+    official = [v for k, v in out.items() if is_official(k[4:])]
+    extra = [v for k, v in out.items() if not is_official(k[4:])]
+    out["sep/mean"] = float(np.mean(official))
+    if extra:
+        out["sep/mean_extra"] = float(np.mean(extra))
+    out["sep/mean_with_overflow"] = float(np.mean(with_of))
+    out["sep/outside_ref"] = float(np.mean(out_ref))
+    out["sep/outside_gen"] = float(np.mean(out_gen))
+    for fam in OFFICIAL_FAMILIES + EXTRA_FAMILIES:
+        vals = [out[f"sep/{n}"] for n in bins if family(n) == fam]
         if vals:
             out[f"sep/mean_{fam}"] = float(np.mean(vals))
     per_e = []
@@ -159,5 +200,6 @@ def separation_powers(reference: Features, generated: Features, geometry: Geomet
     return out
 
 
-__all__ = ["ALPHA_FEATURES", "feature_binnings", "feature_histograms", "normalised_histogram",
-           "separation_power", "separation_powers", "voxel_bins", "voxel_counts", "energy_ratio_bins"]
+__all__ = ["ALPHA_FEATURES", "EXTRA_FAMILIES", "OFFICIAL_FAMILIES", "counts_with_overflow", "energy_ratio_bins",
+           "feature_binnings", "feature_histograms", "is_official", "normalised_histogram", "separation_power",
+           "separation_powers", "voxel_bins", "voxel_counts"]
