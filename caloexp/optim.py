@@ -74,17 +74,24 @@ def build_scheduler(cfg: DictConfig | Mapping | None, optimizer: torch.optim.Opt
 
 
 class EMA:
-    """Exponential moving average of a module's parameters (sampling uses the averaged weights)."""
+    """Exponential moving average of a module's parameters (sampling uses the averaged weights).
+
+    The decay warms up as min(decay, (1 + n) / (10 + n)) after n updates, so early averages are not
+    dominated by the random initial weights.
+    """
 
     def __init__(self, module: nn.Module, decay: float):
         if not 0.0 < decay < 1.0:
             raise ConfigError(f"model.ema decay={decay}: must be in (0, 1)")
         self.decay = float(decay)
+        self.updates = 0
         self.shadow = [p.detach().clone() for p in module.parameters()]
 
     @torch.no_grad()
     def update(self, module: nn.Module) -> None:
-        torch._foreach_lerp_(self.shadow, [p.detach() for p in module.parameters()], 1.0 - self.decay)
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in module.parameters()], 1.0 - d)
+        self.updates += 1
 
     @contextmanager
     def applied(self, module: nn.Module) -> Iterator[None]:
@@ -191,7 +198,7 @@ class Optim:
         return {"optimizers": {r: o.state_dict() for r, o in self.optimizers.items()},
                 "schedulers": {r: s.state_dict() for r, s in self.schedulers.items()},
                 "scaler": self.scaler.state_dict() if self.scaler else None,
-                "ema": {r: e.shadow for r, e in self.ema.items()}}
+                "ema": {r: {"shadow": e.shadow, "updates": e.updates} for r, e in self.ema.items()}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         for r, o in self.optimizers.items():
@@ -201,5 +208,6 @@ class Optim:
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         for r, e in self.ema.items():
-            e.shadow = [t.to(p.device) for t, p in zip(state["ema"][r], e.shadow)]
+            e.shadow = [t.to(p.device) for t, p in zip(state["ema"][r]["shadow"], e.shadow)]
+            e.updates = int(state["ema"][r]["updates"])
 

@@ -109,9 +109,9 @@ def from_state(state: Mapping[str, Any], device: str | torch.device = "cpu",
         raise InputError(f"checkpoint weights do not fit its spec ({str(exc).splitlines()[0][:200]})") from None
     shadows = (state.get("optim") or {}).get("ema") or {}
     if ema:
-        for role, shadow in shadows.items():
+        for role, ema_state in shadows.items():
             with torch.no_grad():
-                for p, s in zip(model.module_for(role).parameters(), shadow):
+                for p, s in zip(model.module_for(role).parameters(), ema_state["shadow"]):
                     p.copy_(s)
     gen = EventGenerator(model.sampler(), transform, spec.get("kind", "calo"))
     return gen.to(device).eval(), dict(spec)

@@ -24,7 +24,7 @@ def one_error_line(stderr: str) -> str:
 
 @pytest.mark.parametrize("override, expected", [
     ("foo=1", "unknown config key 'foo'"),
-    ("model=wgan", "Could not find 'model/wgan' (available: gan, wgangp)"),
+    ("model=wgan", "Could not find 'model/wgan' (available: gan, wgangp, wgangp_conv)"),
     ("trainer.max_steps=abc", "could not be converted to Integer"),
     ("optimizer=adamax", "Could not find 'optimizer/adamax'"),
 ])
@@ -44,7 +44,7 @@ def test_missing_real_dataset_offline_fails_fast(tmp_path):
     assert "dataset_1_photons_1.hdf5" in line and "data=embedded" in line and str(tmp_path / "data") in line
 
 
-@pytest.mark.parametrize("defect, match", [("nan", "NaN"), ("shape", "voxels but geometry"), ("corrupt", "not a readable HDF5")])
+@pytest.mark.parametrize("defect, match", [("nan", "NaN"), ("shape", "voxels but geometry"), ("corrupt", "not an HDF5 file")])
 def test_bad_data_file(tmp_path, defect, match):
     path = tmp_path / "bad.hdf5"
     e, s = random_showers(300)

@@ -44,7 +44,8 @@ def test_groups_have_the_expected_options():
                          list(itertools.product(options("model"), options("optimizer"), options("scheduler"))))
 def test_model_optimizer_scheduler_build(model, optimizer, scheduler, tmp_path):
     cfg = compose_cfg([f"model={model}", f"optimizer={optimizer}", f"scheduler={scheduler}"], tmp_path)
-    net = instantiate(cfg.model, data_shape=(368,), cond_dim=1)
+    shape = (6, 12, 12) if "conv" in model else (368,)   # conv nets need a grid or an image
+    net = instantiate(cfg.model, data_shape=shape, cond_dim=1)
     for role in net.roles:
         opt = build_optimizer(cfg.optimizer, role, net.roles, net.parameters_for(role))
         assert opt.param_groups[0]["lr"] == cfg.optimizer[role].lr

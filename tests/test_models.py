@@ -89,22 +89,26 @@ def test_trainer_step_clips_gradients_and_keeps_ema():
     grad_norm = torch.sqrt(sum((p.grad ** 2).sum() for p in model.generator.parameters()))
     assert grad_norm.item() == pytest.approx(1e-3, rel=1e-3)
     shadow = opt.ema["generator"].shadow
-    for s, b, p in zip(shadow, before, model.generator.parameters()):
-        torch.testing.assert_close(s, 0.9 * b + 0.1 * p.detach())
+    for s, b, p in zip(shadow, before, model.generator.parameters()):   # first update: warm-up decay 1/10
+        torch.testing.assert_close(s, 0.1 * b + 0.9 * p.detach())
     with opt.ema_weights():
         assert all(torch.equal(s, p) for s, p in zip(shadow, model.generator.parameters()))
     assert not all(torch.equal(s, p) for s, p in zip(shadow, model.generator.parameters()))
 
 
 def test_ema_of_a_constant_sequence():
+    """Decays min(0.5, (1+n)/(10+n)) = 0.1, 0.18, 0.25, 0.31, 0.36, 0.4, 0.44, 0.47, 0.5, 0.5, ..."""
     lin = nn.Linear(1, 1, bias=False)
     ema = EMA(lin, 0.5)
     with torch.no_grad():
         lin.weight.fill_(2.0)
     w0 = ema.shadow[0].item()
-    for _ in range(3):
+    for _ in range(12):
         ema.update(lin)
-    assert ema.shadow[0].item() == pytest.approx(2.0 + (w0 - 2.0) / 8)
+    factor = 1.0
+    for n in range(12):
+        factor *= min(0.5, (1 + n) / (10 + n))
+    assert ema.shadow[0].item() == pytest.approx(2.0 + (w0 - 2.0) * factor)
 
 
 def test_optimizer_sections_must_name_roles():

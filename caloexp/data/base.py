@@ -13,7 +13,7 @@ base class does the rest, the same for every format:
 
 ``streaming: false`` keeps the training split in network space on the device (fast, for data that
 fits). ``streaming: true`` reads buffers of contiguous blocks in a seeded order with one buffer of
-prefetch, so memory stays at a few buffers whatever the file size.
+prefetch, so memory stays at a few buffers (``buffer_mb`` each) whatever the file size.
 """
 from __future__ import annotations
 
@@ -86,8 +86,8 @@ class DataModule:
 
     def __init__(self, name: str, batch_size: int = 256, val_fraction: float = 0.2, eval_events: int = 5000,
                  split_seed: int = 0, max_events: int | None = None, transform: Mapping[str, Any] | None = None,
-                 streaming: bool = False, buffer_events: int = 16384, block_events: int = 256,
-                 fit_events: int = 50000):
+                 streaming: bool = False, buffer_mb: float = 128.0, block_events: int = 256,
+                 fit_events: int = 50000, fit_mb: float = 512.0):
         if not 0.0 < val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction={val_fraction}: must be in (0, 1)")
         if batch_size < 1:
@@ -96,9 +96,12 @@ class DataModule:
             raise ConfigError(f"data.eval_events={eval_events}: must be >= 2 (the reference sample)")
         if max_events is not None and max_events < 2:
             raise ConfigError(f"data.max_events={max_events}: must be >= 2 (or null for all)")
-        for key, value in (("buffer_events", buffer_events), ("block_events", block_events), ("fit_events", fit_events)):
+        for key, value in (("block_events", block_events), ("fit_events", fit_events)):
             if value < 1:
                 raise ConfigError(f"data.{key}={value}: must be >= 1")
+        for key, value in (("buffer_mb", buffer_mb), ("fit_mb", fit_mb)):
+            if not value > 0:
+                raise ConfigError(f"data.{key}={value}: must be > 0")
         self.name = name
         self.batch_size = int(batch_size)
         self.val_fraction = float(val_fraction)
@@ -107,9 +110,10 @@ class DataModule:
         self.max_events = max_events
         self.transform_cfg = dict(transform) if transform else dict(self.default_transform)
         self.streaming = bool(streaming)
-        self.buffer_events = int(buffer_events)
+        self.buffer_mb = float(buffer_mb)
         self.block_events = int(block_events)
         self.fit_events = int(fit_events)
+        self.fit_mb = float(fit_mb)
         self.rank, self.world_size = 0, 1
         self.source: Source | None = None
         self.train_rows: np.ndarray | None = None
@@ -154,15 +158,25 @@ class DataModule:
         self._fit = fit
         return self
 
+    def resolve_step(self, entry: Any) -> Any:
+        """Fill in settings only the data knows (e.g. ``layers: geometry``); formats override this."""
+        return entry
+
     def _transform_kwargs(self, fit: Sample) -> dict[str, Any]:
         cfg = dict(self.transform_cfg)
+        cfg["steps"] = [self.resolve_step(e) for e in (cfg.get("steps") or [])]
         cond_dims = {k: (1 if v.ndim == 1 else int(np.prod(v.shape[1:]))) for k, v in fit.cond.items()}
         return {"steps": list(cfg.get("steps") or []), "conditions": dict(cfg.get("conditions") or {}),
                 "cond_dims": cond_dims, "nonnegative": bool(cfg.get("nonnegative", True))}
 
+    @property
+    def event_size(self) -> int:
+        return int(math.prod(self.event_shape))
+
     def _fit_sample(self) -> Sample:
-        rows = self.train_rows if not self.streaming else self.train_rows[:self.fit_events]
-        return self.source.take(rows)
+        """The first ``fit_events`` training rows, at most ``fit_mb`` in float64 (the transform is fitted on them)."""
+        cap = max(2, int(self.fit_mb * 2**20 // (8 * self.event_size)))
+        return self.source.take(self.train_rows[:min(self.fit_events, cap)])
 
     # ------------------------------------------------------------- transform
     def fit_transform(self, output_range: Sequence[float] | None = None,
@@ -173,10 +187,25 @@ class DataModule:
         self.transform.fit(self._fit.x, self._fit.cond)
         self.device = torch.device(device)
         self.transform.to(self.device)
+        self._fit = None
         if not self.streaming:
-            self._x, self._c, self._raw = self._to_network(self._fit)
-        self._fit = self._fit.subset(slice(0, 0)) if not self.streaming else self._fit
+            self._x, self._c, self._raw = self._network_training_set()
         return self.transform
+
+    @torch.no_grad()
+    def _network_training_set(self, chunk_mb: float = 64.0):
+        """The training split in network space, converted in chunks (no full-size temporaries)."""
+        n = len(self.train_rows)
+        x = torch.empty((n, *self.data_shape), dtype=torch.float32, device=self.device)
+        conds, raws = [], []
+        step = max(1, int(chunk_mb * 2**20 // (4 * self.event_size)))
+        for lo in range(0, n, step):
+            xi, ci, ri = self._to_network(self.source.take(self.train_rows[lo:lo + step]))
+            x[lo:lo + len(xi)] = xi
+            conds.append(ci)
+            raws.append(ri)
+        raw = {k: torch.cat([r[k] for r in raws]) for k in raws[0]} if raws else {}
+        return x, torch.cat(conds), raw
 
     @torch.no_grad()
     def _to_network(self, s: Sample) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
@@ -195,8 +224,8 @@ class DataModule:
 
     @property
     def data_shape(self) -> tuple[int, ...]:
-        """The shape a network sees (the event shape: transforms keep it)."""
-        return self.event_shape
+        """The shape a network sees (the transform's output shape)."""
+        return self.transform.net_shape
 
     @property
     def cond_names(self) -> list[str]:
@@ -234,8 +263,9 @@ class DataModule:
 
     @property
     def buffer_rows(self) -> int:
-        """Rows per streamed buffer: a multiple of the global batch, so no batch spans two buffers."""
-        return max(1, self.buffer_events // self.global_batch) * self.global_batch
+        """Rows per streamed buffer (about ``buffer_mb``), a multiple of the global batch: no batch spans two."""
+        rows = int(self.buffer_mb * 2**20 // (4 * self.event_size))
+        return max(1, rows // self.global_batch) * self.global_batch
 
     def _rank_slice(self, b: int) -> slice:
         lo = b * self.global_batch + self.rank * self.batch_size

@@ -8,7 +8,7 @@ transform is the CaloChallenge preset of :mod:`caloexp.data.transforms`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -106,6 +106,12 @@ class ShowerDataModule(DataModule):
             return files
         n = len(files) if self.max_events is None else min(len(files), int(self.max_events))
         return MemorySource(files.read(0, n))
+
+    def resolve_step(self, entry: Any) -> Any:
+        """``layer_energies`` with ``layers: geometry`` gets the voxel count of each layer of this geometry."""
+        if isinstance(entry, Mapping) and entry.get("step") == "layer_energies" and entry.get("layers") == "geometry":
+            return dict(entry, layers=[int(n) for n in self.geometry.voxels_per_layer if n > 0])
+        return entry
 
     def writer_spec(self) -> dict[str, Any]:
         return {"format": "calochallenge", "geometry": self.geometry.name}

@@ -37,13 +37,21 @@ def _bcast(c: Tensor, x: Tensor) -> Tensor:
 
 
 class Step(nn.Module):
-    """One invertible event step. ``fit`` sees the data as it arrives at this step (float64)."""
+    """One invertible event step. ``fit`` sees the data as it arrives at this step (float64).
+
+    ``event_shape`` is the shape the step receives; ``out_shape`` the one it returns (the same
+    unless the step reshapes, e.g. :class:`LayerEnergies`).
+    """
 
     name = ""
 
     def __init__(self, event_shape: tuple[int, ...]):
         super().__init__()
         self.event_shape = tuple(event_shape)
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return self.event_shape
 
     def settings(self) -> dict[str, Any]:
         return {}
@@ -214,7 +222,77 @@ class Normalise(Step):
         return x * self.scale + self.shift
 
 
-STEPS: dict[str, type[Step]] = {c.name: c for c in (EnergyFraction, Log, Logit, Power, Scale, Normalise)}
+class LayerEnergies(Step):
+    """Voxels (V,) -> (L + V,): the energy content made explicit, the shapes normalised per layer.
+
+    Features of a shower with incident energy E and layer energies E_l (``layers``: voxels per layer,
+    in voxel order), E_tot = sum E_l::
+
+        f_0     = log(E_tot / E)
+        f_{l+1} = logit(a + (1 - 2a) r_l),  r_l = E_l / sum_{j>=l} E_j      (l < L - 1)
+        g_k     = log(x_k / E_layer(k) + alpha)                             (each voxel k)
+
+    The inverse rebuilds E_tot and every E_l from the f's and spreads E_l over its voxels with the
+    g's renormalised within the layer, so per-voxel errors cannot change total or layer energies
+    (the unbounded exp of the plain log transform turns small voxel errors into a runaway response).
+    """
+
+    name = "layer_energies"
+
+    def __init__(self, event_shape, layers: Sequence[int], key: str = "energy", alpha: float = 1e-6,
+                 alpha_e: float = 1e-6):
+        super().__init__(event_shape)
+        sizes = [int(n) for n in layers]
+        if len(self.event_shape) != 1 or sum(sizes) != self.event_shape[0] or min(sizes, default=0) < 1:
+            raise ConfigError(f"transform step layer_energies: layers={sizes} must be positive voxel counts "
+                              f"summing to the event size {self.event_shape}")
+        if not (alpha > 0 and 0 < alpha_e < 0.5):
+            raise ConfigError(f"transform step layer_energies: alpha={alpha} must be > 0, alpha_e={alpha_e} in (0, 0.5)")
+        self.layers, self.key, self.alpha, self.alpha_e = sizes, str(key), float(alpha), float(alpha_e)
+        self.register_buffer("layer_of", torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)),
+                             persistent=False)
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return (len(self.layers) + self.event_shape[0],)
+
+    def settings(self):
+        return {"layers": list(self.layers), "key": self.key, "alpha": self.alpha, "alpha_e": self.alpha_e}
+
+    def _layer_sums(self, x: Tensor) -> Tensor:
+        idx = self.layer_of.to(x.device)
+        return torch.zeros(len(x), len(self.layers), dtype=x.dtype, device=x.device).index_add_(1, idx, x)
+
+    def forward(self, x, cond):
+        e = cond[self.key].reshape(-1, 1).to(x.dtype)
+        el = self._layer_sums(x)
+        etot = el.sum(1, keepdim=True)
+        tail = torch.flip(torch.cumsum(torch.flip(el, [1]), 1), [1])[:, :-1]
+        r = torch.where(tail > 0, el[:, :-1] / tail.clamp_min(1e-30), torch.zeros_like(tail))
+        p = self.alpha_e + (1 - 2 * self.alpha_e) * r
+        den = el[:, self.layer_of.to(x.device)]
+        shape = torch.where(den > 0, x / den.clamp_min(1e-30), torch.zeros_like(x))
+        return torch.cat([torch.log(etot.clamp_min(1e-3) / e), torch.log(p) - torch.log1p(-p),
+                          torch.log(shape + self.alpha)], 1)
+
+    def inverse(self, y, cond):
+        n_l = len(self.layers)
+        e = cond[self.key].reshape(-1, 1).to(y.dtype)
+        f, g = y[:, :n_l], y[:, n_l:]
+        etot = e * torch.exp(f[:, :1])
+        r = ((torch.sigmoid(f[:, 1:]) - self.alpha_e) / (1 - 2 * self.alpha_e)).clamp(0, 1)
+        keep = torch.cumprod(torch.cat([torch.ones_like(r[:, :1]), 1 - r], 1), 1)   # prod_{j<l} (1 - r_j)
+        el = etot * keep * torch.cat([r, torch.ones_like(r[:, :1])], 1)
+        idx = self.layer_of.to(y.device)
+        w = (torch.exp(g) - self.alpha).clamp_min(0)
+        tot = self._layer_sums(w)[:, idx]
+        soft = torch.exp(g - g.amax(1, keepdim=True))   # a layer the model left empty keeps its energy
+        w = torch.where(tot > 0, w / tot.clamp_min(1e-300), soft / self._layer_sums(soft)[:, idx])
+        return w * el[:, idx]
+
+
+STEPS: dict[str, type[Step]] = {c.name: c for c in (EnergyFraction, Log, Logit, Power, Scale, Normalise,
+                                                    LayerEnergies)}
 
 
 # ------------------------------------------------------------------ conditions
@@ -377,17 +455,24 @@ class Transform(nn.Module):
 
     def _build_steps(self, output_range: Sequence[float] | None) -> nn.ModuleList:
         built: list[Step] = []
+        shape = self.event_shape
         for i, entry in enumerate(self._entries):
             cls, kwargs = _parse(entry, STEPS, f"data.transform.steps[{i}]")
             if cls is Normalise and output_range is not None:
                 kwargs = dict(kwargs, mode="minmax", range=list(output_range))  # the generator's range decides
             try:
-                built.append(cls(self.event_shape, **kwargs))
+                built.append(cls(shape, **kwargs))
             except TypeError as exc:
                 raise ConfigError(f"data.transform.steps[{i}] ({cls.name}): {exc}") from None
+            shape = built[-1].out_shape
         if output_range is not None and not any(isinstance(s, Normalise) for s in built):
-            built.append(Normalise(self.event_shape, mode="minmax", range=list(output_range)))
+            built.append(Normalise(shape, mode="minmax", range=list(output_range)))
         return nn.ModuleList(built)
+
+    @property
+    def net_shape(self) -> tuple[int, ...]:
+        """The shape a network sees (the event shape unless a step reshapes)."""
+        return self.steps[-1].out_shape if len(self.steps) else self.event_shape
 
     def use_output_range(self, output_range: Sequence[float] | None) -> "Transform":
         """Map the data onto a generator's output range (e.g. [-1, 1] for tanh); call before :meth:`fit`."""
@@ -452,7 +537,7 @@ class Transform(nn.Module):
 
     def inverse(self, x: Tensor, cond: Mapping[str, Tensor]) -> Tensor:
         """Network space -> physical events, clamped at 0 for energies (``nonnegative``)."""
-        v = x.to(torch.float32).reshape(len(x), *self.event_shape)
+        v = x.to(torch.float32).reshape(len(x), *self.net_shape)
         c = {k: t.to(v.device) for k, t in cond.items()}
         for step in reversed(self.steps):
             v = step.inverse(v, c)
@@ -480,7 +565,7 @@ class Transform(nn.Module):
 
 def _apply64(step: Step, v: Tensor, c: Mapping[str, Tensor]) -> Tensor:
     """Run a fitted step in float64 (its buffers are float32; fitting the next step needs the data)."""
-    saved = {n: b for n, b in step.named_buffers()}
+    saved = {n: b for n, b in step.named_buffers() if b.is_floating_point()}
     for n, b in saved.items():
         setattr(step, n, b.to(torch.float64))
     try:
