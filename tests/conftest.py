@@ -35,3 +35,21 @@ def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 
     full_env.update(env or {})
     return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def train_twice_and_resume(args: list[str], tmp_path: Path, steps: int) -> tuple[dict, dict]:
+    """Run A for ``steps`` steps; run B for half, then ``resume=`` it to ``steps``. Returns both last checkpoints."""
+    import torch
+
+    a = run_cli(args + [f"trainer.max_steps={steps}", f"hydra.run.dir={tmp_path}/A"], cwd=tmp_path)
+    assert a.returncode == 0, a.stderr[-3000:]
+    b = run_cli(args + [f"trainer.max_steps={steps // 2}", f"hydra.run.dir={tmp_path}/B"], cwd=tmp_path)
+    assert b.returncode == 0, b.stderr[-3000:]
+    b2 = run_cli(["caloexp.train", f"resume={tmp_path}/B", f"trainer.max_steps={steps}"], cwd=tmp_path)
+    assert b2.returncode == 0, b2.stderr[-3000:]
+    sa = torch.load(tmp_path / "A/checkpoints/last.ckpt", weights_only=True)
+    sb = torch.load(tmp_path / "B/checkpoints/last.ckpt", weights_only=True)
+    assert sa["state"]["step"] == sb["state"]["step"] == steps
+    for k in sa["model"]:
+        assert torch.equal(sa["model"][k], sb["model"][k]), k
+    return sa, sb

@@ -15,7 +15,7 @@ from caloexp.models.cfm import CFM, VelocityNet, integrate
 from caloexp.optim import Optim
 from caloexp.runtime import Runtime
 
-from conftest import random_showers, run_cli
+from conftest import random_showers, run_cli, train_twice_and_resume
 
 
 def mixture(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -117,16 +117,7 @@ def test_cfm_trains_resumes_and_generates_with_sampler_options(tmp_path):
             "model.net.width=32", "model.net.n_blocks=1",
             "model.energy_net.width=16", "model.energy_net.n_blocks=1", "model.steps=4", "trainer.eval_every=6",
             "trainer.checkpoint_every=3", "trainer.log_every=3", "trainer.plot_every=0", "trainer.num_threads=1"]
-    a = run_cli(args + ["trainer.max_steps=6", f"hydra.run.dir={tmp_path}/A"], cwd=tmp_path)
-    assert a.returncode == 0, a.stderr[-3000:]
-    b = run_cli(args + ["trainer.max_steps=3", f"hydra.run.dir={tmp_path}/B"], cwd=tmp_path)
-    assert b.returncode == 0, b.stderr[-3000:]
-    b2 = run_cli(["caloexp.train", f"resume={tmp_path}/B", "trainer.max_steps=6"], cwd=tmp_path)
-    assert b2.returncode == 0, b2.stderr[-3000:]
-    sa = torch.load(tmp_path / "A/checkpoints/last.ckpt", weights_only=True)
-    sb = torch.load(tmp_path / "B/checkpoints/last.ckpt", weights_only=True)
-    for k in sa["model"]:
-        assert torch.equal(sa["model"][k], sb["model"][k]), k
+    sa, sb = train_twice_and_resume(args, tmp_path, 6)
     assert set(sa["optim"]["ema"]) == {"energy", "shape"}
     for role in ("energy", "shape"):
         for x, y in zip(sa["optim"]["ema"][role]["shadow"], sb["optim"]["ema"][role]["shadow"]):

@@ -8,12 +8,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 
 from caloexp.data.sample import Sample
 
-from conftest import run_cli
+from conftest import run_cli, train_twice_and_resume
 
 pytestmark = pytest.mark.slow
 
@@ -87,18 +86,7 @@ def overrides(kind: str, path: Path) -> list[str]:
 def test_kind_trains_resumes_generates_and_evaluates(kind, tmp_path):
     data = tmp_path / f"{kind}.h5"
     make_file(data, kind)
-    base = ["caloexp.train", *overrides(kind, data)]
-    a = run_cli(base + ["trainer.max_steps=12", f"hydra.run.dir={tmp_path}/A"], cwd=tmp_path)
-    assert a.returncode == 0, a.stderr[-3000:]
-    b = run_cli(base + ["trainer.max_steps=6", f"hydra.run.dir={tmp_path}/B"], cwd=tmp_path)
-    assert b.returncode == 0, b.stderr[-3000:]
-    b2 = run_cli(["caloexp.train", f"resume={tmp_path}/B", "trainer.max_steps=12"], cwd=tmp_path)
-    assert b2.returncode == 0, b2.stderr[-3000:]
-    sa = torch.load(tmp_path / "A/checkpoints/last.ckpt", weights_only=True)
-    sb = torch.load(tmp_path / "B/checkpoints/last.ckpt", weights_only=True)
-    assert sa["state"]["step"] == sb["state"]["step"] == 12
-    for k in sa["model"]:
-        assert torch.equal(sa["model"][k], sb["model"][k]), k
+    sa, _ = train_twice_and_resume(["caloexp.train", *overrides(kind, data)], tmp_path, 12)
     assert sa["spec"]["kind"] == kind
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")

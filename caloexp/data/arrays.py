@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 import h5py
 import numpy as np
 
-from caloexp.data.base import DataModule, MemorySource, Source, check_kind
+from caloexp.data.base import DataModule, Source, check_kind
 from caloexp.data.sample import Sample
 from caloexp.errors import ConfigError, InputError
 
@@ -123,16 +123,11 @@ class ArrayDataModule(DataModule):
         if "nonnegative" not in self.transform_cfg:
             self.transform_cfg["nonnegative"] = self.nonnegative
 
-    def open_source(self) -> Source:
+    def open_files(self) -> Source:
         files = ArrayFiles(self.files, self.x_key, self.cond_keys, self.kind, self.nonnegative)
         if self.columns and self.kind == "tabular" and len(self.columns) != files.event_shape[0]:
             raise ConfigError(f"data.columns has {len(self.columns)} names for {files.event_shape[0]} variables")
-        if len(files) == 0:
-            raise InputError(f"{self.files[0]}: holds no events")
-        if self.streaming:
-            return files
-        n = len(files) if self.max_events is None else min(len(files), int(self.max_events))
-        return MemorySource(files.read(0, n))
+        return files
 
     def writer_spec(self) -> dict[str, Any]:
         return {"format": "arrays", "x_key": self.x_key, "conditions": self.cond_keys, "kind": self.kind,

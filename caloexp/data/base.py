@@ -26,7 +26,7 @@ import torch
 
 from caloexp.data.sample import KINDS, Batch, Sample
 from caloexp.data.transforms import Transform
-from caloexp.errors import ConfigError
+from caloexp.errors import ConfigError, InputError
 
 
 class Source:
@@ -83,6 +83,7 @@ class DataModule:
 
     kind = "calo"
     default_transform: dict[str, Any] = {}
+    memory_limit_bytes = 8 << 30   # beyond this, in-memory training asks for streaming
 
     def __init__(self, name: str, batch_size: int = 256, val_fraction: float = 0.2, eval_events: int = 5000,
                  split_seed: int = 0, max_events: int | None = None, transform: Mapping[str, Any] | None = None,
@@ -126,9 +127,23 @@ class DataModule:
         self.device = torch.device("cpu")
 
     # -------------------------------------------------------- for subclasses
-    def open_source(self) -> Source:
-        """The rows of the dataset (files on disk made available first)."""
+    def open_files(self) -> Source:
+        """The rows of the dataset on disk (files made available first), read on demand."""
         raise NotImplementedError
+
+    def open_source(self) -> Source:
+        """The files as they are when streaming, else their first ``max_events`` rows in memory."""
+        files = self.open_files()
+        if len(files) == 0:
+            raise InputError(f"data={self.name}: the files hold no events")
+        if self.streaming:
+            return files
+        n = len(files) if self.max_events is None else min(len(files), int(self.max_events))
+        need = n * int(math.prod(files.event_shape)) * 4
+        if need > self.memory_limit_bytes:
+            raise ConfigError(f"data={self.name}: {n} events need {need / 2**30:.1f} GiB in memory; "
+                              "set data.streaming=true (or data.max_events)")
+        return MemorySource(files.read(0, n))
 
     def writer_spec(self) -> dict[str, Any]:
         """How generated events of this data are written (see :mod:`caloexp.data.formats`)."""

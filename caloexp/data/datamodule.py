@@ -14,7 +14,7 @@ import numpy as np
 
 from caloexp import geometry as geo
 from caloexp.data import calochallenge
-from caloexp.data.base import DataModule, MemorySource, Source
+from caloexp.data.base import DataModule, Source
 from caloexp.data.sample import Sample
 from caloexp.data.transforms import CALO_CONDITIONS, CALO_STEPS
 from caloexp.errors import ConfigError, InputError
@@ -97,15 +97,9 @@ class ShowerDataModule(DataModule):
             paths.append(p)
         return paths
 
-    def open_source(self) -> Source:
+    def open_files(self) -> Source:
         self.paths = self.prepare()
-        files = ShowerFiles(self.paths, self.geometry)
-        if len(files) == 0:
-            raise InputError(f"{self.paths[0]}: holds no showers")
-        if self.streaming:
-            return files
-        n = len(files) if self.max_events is None else min(len(files), int(self.max_events))
-        return MemorySource(files.read(0, n))
+        return ShowerFiles(self.paths, self.geometry)
 
     def resolve_step(self, entry: Any) -> Any:
         """``layer_energies`` with ``layers: geometry`` gets the voxel count of each layer of this geometry."""
