@@ -111,6 +111,25 @@ def test_layer_energies_round_trip_and_conserve_layer_energies():
     assert np.abs(moved - back).max() > 1e-2 * s.max()
 
 
+def test_threshold_aware_layer_energies_keep_visible_layer_energies():
+    e, s = random_showers(400)
+    layers, thr = [8, 160, 190, 5, 5], 5.0
+    t = Transform((368,), [{"step": "layer_energies", "layers": layers, "threshold": thr}], {"energy": "log_scale"})
+    cut = np.where(s < thr, 0, s)
+    back = t.to_physical(t.to_network(s, {"energy": e}), {"energy": e})
+    np.testing.assert_allclose(back, cut, rtol=1e-4, atol=1e-4 * s.max())     # exact on thresholded showers
+    y = t.to_network(s, {"energy": e})
+    y[:, 5:] += np.random.default_rng(0).normal(0, 1.0, y[:, 5:].shape)        # diffuse generated shapes
+    gen = t.to_physical(y, {"energy": e})
+    offsets = np.cumsum([0] + layers)
+    for lo, hi in zip(offsets[:-1], offsets[1:]):
+        # layer energies kept (an empty layer may get a sliver far below the threshold: logit(alpha_e))
+        np.testing.assert_allclose(gen[:, lo:hi].sum(1), cut[:, lo:hi].sum(1), rtol=1e-3, atol=thr / 10)
+        visible = cut[:, lo:hi].sum(1) >= thr               # a layer with visible energy shows no voxel below it
+        block = gen[visible, lo:hi]
+        assert ((block == 0) | (block >= thr * (1 - 1e-5))).all()
+
+
 @pytest.mark.slow
 def test_cfm_trains_resumes_and_generates_with_sampler_options(tmp_path):
     args = ["caloexp.train", "model=cfm", "data.n_showers=1500", "data.batch_size=64", "data.eval_events=300",

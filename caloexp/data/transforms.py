@@ -235,12 +235,17 @@ class LayerEnergies(Step):
     The inverse rebuilds E_tot and every E_l from the f's and spreads E_l over its voxels with the
     g's renormalised within the layer, so per-voxel errors cannot change total or layer energies
     (the unbounded exp of the plain log transform turns small voxel errors into a runaway response).
+
+    ``threshold`` (MeV, the readout threshold the evaluation applies): voxels below it are cut before
+    the features are computed, and generated voxels below it are cut with their energy handed to the
+    surviving voxels of the same layer, so the visible layer energies are the ones learned. The
+    forward map then drops sub-threshold energy (the inverse is exact on thresholded showers).
     """
 
     name = "layer_energies"
 
     def __init__(self, event_shape, layers: Sequence[int], key: str = "energy", alpha: float = 1e-6,
-                 alpha_e: float = 1e-6):
+                 alpha_e: float = 1e-6, threshold: float = 0.0):
         super().__init__(event_shape)
         sizes = [int(n) for n in layers]
         if len(self.event_shape) != 1 or sum(sizes) != self.event_shape[0] or min(sizes, default=0) < 1:
@@ -248,7 +253,10 @@ class LayerEnergies(Step):
                               f"summing to the event size {self.event_shape}")
         if not (alpha > 0 and 0 < alpha_e < 0.5):
             raise ConfigError(f"transform step layer_energies: alpha={alpha} must be > 0, alpha_e={alpha_e} in (0, 0.5)")
+        if not threshold >= 0:
+            raise ConfigError(f"transform step layer_energies: threshold={threshold} must be >= 0")
         self.layers, self.key, self.alpha, self.alpha_e = sizes, str(key), float(alpha), float(alpha_e)
+        self.threshold = float(threshold)
         self.register_buffer("layer_of", torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)),
                              persistent=False)
 
@@ -257,7 +265,8 @@ class LayerEnergies(Step):
         return (len(self.layers) + self.event_shape[0],)
 
     def settings(self):
-        return {"layers": list(self.layers), "key": self.key, "alpha": self.alpha, "alpha_e": self.alpha_e}
+        return {"layers": list(self.layers), "key": self.key, "alpha": self.alpha, "alpha_e": self.alpha_e,
+                "threshold": self.threshold}
 
     def _layer_sums(self, x: Tensor) -> Tensor:
         idx = self.layer_of.to(x.device)
@@ -265,6 +274,8 @@ class LayerEnergies(Step):
 
     def forward(self, x, cond):
         e = cond[self.key].reshape(-1, 1).to(x.dtype)
+        if self.threshold > 0:
+            x = torch.where(x < self.threshold, torch.zeros_like(x), x)
         el = self._layer_sums(x)
         etot = el.sum(1, keepdim=True)
         tail = torch.flip(torch.cumsum(torch.flip(el, [1]), 1), [1])[:, :-1]
@@ -288,7 +299,16 @@ class LayerEnergies(Step):
         tot = self._layer_sums(w)[:, idx]
         soft = torch.exp(g - g.amax(1, keepdim=True))   # a layer the model left empty keeps its energy
         w = torch.where(tot > 0, w / tot.clamp_min(1e-300), soft / self._layer_sums(soft)[:, idx])
-        return w * el[:, idx]
+        x = w * el[:, idx]
+        if self.threshold > 0:   # cut what a readout would not see, keeping each layer's energy
+            kept = torch.where(x >= self.threshold, x, torch.zeros_like(x))
+            ksum = self._layer_sums(kept)[:, idx]
+            # no voxel of the layer passes: the layer's energy goes to its hottest voxel(s)
+            lmax = torch.zeros_like(el).scatter_reduce(1, idx.expand(len(x), -1), x, "amax", include_self=False)
+            top = ((x == lmax[:, idx]) & (x > 0)).to(x.dtype)
+            fallback = top * el[:, idx] / self._layer_sums(top)[:, idx].clamp_min(1.0)
+            x = torch.where(ksum > 0, kept * (el[:, idx] / ksum.clamp_min(1e-300)), fallback)
+        return x
 
 
 STEPS: dict[str, type[Step]] = {c.name: c for c in (EnergyFraction, Log, Logit, Power, Scale, Normalise,
