@@ -34,7 +34,8 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # read by MLflow < 3.17 only; kep
 UI_VIEW_KEY = "caloexp"
 SHARED_VIEW_TAG = "mlflow.sharedViewState."
 #: Metric columns of the runs table's default view: the objective first (the table is sorted by it).
-RUNS_VIEW_METRICS: tuple[str, ...] = ("sep/mean", "sep/E_ratio", "sep/mean_E_layer", "wd/mean")
+RUNS_VIEW_METRICS: tuple[str, ...] = ("monitor/score", "resp/max_mean_dev", "resp/max_width_ratio", "sep/mean",
+                                      "sep/E_ratio")
 _RUN_NAME_COLUMN = "attributes.`Run Name`"
 
 

@@ -44,11 +44,11 @@ def test_groups_have_the_expected_options():
                          list(itertools.product(options("model"), options("optimizer"), options("scheduler"))))
 def test_model_optimizer_scheduler_build(model, optimizer, scheduler, tmp_path):
     cfg = compose_cfg([f"model={model}", f"optimizer={optimizer}", f"scheduler={scheduler}"], tmp_path)
-    shape = (6, 12, 12) if "conv" in model else (368,)   # conv nets need a grid or an image
+    shape = {"wgangp_conv": (6, 12, 12), "cfm": (373,)}.get(model, (368,))   # conv: a grid; cfm: layer features
     net = instantiate(cfg.model, data_shape=shape, cond_dim=1)
     for role in net.roles:
         opt = build_optimizer(cfg.optimizer, role, net.roles, net.parameters_for(role))
-        assert opt.param_groups[0]["lr"] == cfg.optimizer[role].lr
+        assert opt.param_groups[0]["lr"] == cfg.optimizer.get(role, cfg.optimizer).lr
         sched = build_scheduler(cfg.scheduler, opt)
         assert (sched is None) == (scheduler == "none")
 
@@ -69,7 +69,7 @@ def test_arrays_config_needs_files(tmp_path):
 
 
 def test_configs_naming_foreign_code_are_refused(tmp_path):
-    cfg = compose_cfg([], tmp_path)
+    cfg = compose_cfg(["model=wgangp"], tmp_path)
     from caloexp.errors import ConfigError
     from omegaconf import OmegaConf
     bad = OmegaConf.merge(cfg.model, {"generator": {"_target_": "pathlib.Path.write_text"}})
@@ -84,7 +84,7 @@ def test_configs_naming_foreign_code_are_refused(tmp_path):
 
 
 def test_cli_style_overrides(tmp_path):
-    cfg = compose_cfg(["optimizer.lr=3e-4", "optimizer.critic.lr=1e-4", "trainer.max_steps=200",
+    cfg = compose_cfg(["model=wgangp", "optimizer.lr=3e-4", "optimizer.critic.lr=1e-4", "trainer.max_steps=200",
                        "model.latent_dim=64", "seed=3"], tmp_path)
     assert cfg.optimizer.generator.lr == 3e-4 and cfg.optimizer.critic.lr == 1e-4
     assert cfg.trainer.max_steps == 200 and cfg.model.latent_dim == 64 and cfg.seed == 3

@@ -65,7 +65,7 @@ def test_mlflow_ui_shows_the_study_runs_and_metric(real_sweep, tmp_path):
     dom = chromium(compare, "--dump-dom").stdout
     (tmp_path / "compare_dom.html").write_text(dom)
     assert f"optuna-{STUDY}" in dom, "parent run name missing from the compare view"
-    assert "sep/mean" in dom, "objective metric missing from the compare view"
+    assert "monitor/score" in dom, "objective metric missing from the compare view"
     assert "optimizer.generator.lr" in dom, "searched parameter missing from the compare view"
     for child in children:
         assert child.info.run_name in dom
@@ -82,15 +82,16 @@ def test_mlflow_ui_shows_the_study_runs_and_metric(real_sweep, tmp_path):
 
 
 def test_documented_link_opens_the_runs_table_with_physics_columns(mlflow_server, tmp_path):
-    """The link caloexp prints shows the runs table: full run names and the sep/mean column, sorted by it."""
+    """The link caloexp prints shows the runs table: full run names and the physics columns, sorted by the monitor."""
     client = MlflowClient(tracking_uri=mlflow_server.url)
     exp_id = tracking.get_or_create_experiment(client, "ui_runs_table", mlflow_server.url)
     names = {tracking.run_name("wgangp", "embedded_photons", ["optimizer.generator.lr=1e-4"]): 0.31,
              tracking.run_name("flow", "embedded_photons", ["trainer.max_steps=500"]): 0.12}
     for name, value in names.items():
         run = client.create_run(exp_id, run_name=name)
-        client.log_metric(run.info.run_id, "sep/mean", value)
-        client.log_metric(run.info.run_id, "sep/E_ratio", value / 2)
+        client.log_metric(run.info.run_id, "monitor/score", value)
+        client.log_metric(run.info.run_id, "sep/mean", value / 2)
+        client.log_metric(run.info.run_id, "resp/max_mean_dev", value / 10)
         client.log_param(run.info.run_id, "data._target_", "caloexp.data.datamodule.ShowerDataModule")
         client.set_terminated(run.info.run_id)
 
@@ -103,9 +104,9 @@ def test_documented_link_opens_the_runs_table_with_physics_columns(mlflow_server
         assert f">{name}<" in dom, f"run name {name} missing from the runs table"
     assert "Token Usage" not in dom and "Detect Issues" not in dom, "the GenAI overview opened, not the runs table"
     assert "matching runs" in dom, "no runs table"
-    for metric in ("sep/mean", "sep/E_ratio"):
+    for metric in ("monitor/score", "sep/mean", "resp/max_mean_dev"):
         assert f">{metric}<" in dom, f"metric column {metric} missing"
-    # the best run (lowest sep/mean) is the first row
+    # the best run (lowest monitor/score) is the first row
     best, worst = sorted(names, key=names.get)
     assert dom.index(f">{best}<") < dom.index(f">{worst}<")
     shot = tmp_path / "mlflow_ui.png"

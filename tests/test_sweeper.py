@@ -261,7 +261,7 @@ def test_mlflow_parent_run_children_and_resume_reuses_parent(tmp_path):
 
 # -- search path: only the `sweeps` group is added ---------------------------------------------------
 
-REAL_GROUPS = {"data", "experiment", "logger", "metrics", "model", "optimizer", "paths", "scheduler", "sweeps",
+REAL_GROUPS = {"data", "debug", "experiment", "logger", "metrics", "model", "optimizer", "paths", "scheduler", "sweeps",
                "trainer"}
 
 

@@ -30,7 +30,7 @@ def test_new_experiment_gets_the_runs_view(tmp_path):
     client = MlflowClient(uri)
     exp_id = tracking.get_or_create_experiment(client, "e", uri)
     state = json.loads(client.get_experiment(exp_id).tags[tracking.SHARED_VIEW_TAG + tracking.UI_VIEW_KEY])
-    assert state["selectedColumns"][0] == "metrics.`sep/mean`" and state["orderByAsc"] is True
+    assert state["selectedColumns"][0] == "metrics.`monitor/score`" and state["orderByAsc"] is True
     tracking.set_runs_view(client, exp_id, ["sep/mean"], ["optimizer.generator.lr"], key="sweep")
     sweep = json.loads(client.get_experiment(exp_id).tags[tracking.SHARED_VIEW_TAG + "sweep"])
     assert sweep["selectedColumns"] == ["metrics.`sep/mean`", "params.`optimizer.generator.lr`"]

@@ -247,6 +247,9 @@ class LayerEnergies(Step):
     def __init__(self, event_shape, layers: Sequence[int], key: str = "energy", alpha: float = 1e-6,
                  alpha_e: float = 1e-6, threshold: float = 0.0):
         super().__init__(event_shape)
+        if isinstance(layers, str):
+            raise ConfigError(f"transform step layer_energies: layers={layers!r} is filled in only for CaloChallenge "
+                              "data (data=embedded|photons|pions|dataset2|dataset3); give the voxels per layer")
         sizes = [int(n) for n in layers]
         if len(self.event_shape) != 1 or sum(sizes) != self.event_shape[0] or min(sizes, default=0) < 1:
             raise ConfigError(f"transform step layer_energies: layers={sizes} must be positive voxel counts "
