@@ -67,7 +67,8 @@ def report_errors() -> Iterator[None]:
     except CaloexpError as exc:
         if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
             raise
-        remove_empty_run_dir()
+        if exc.exit_code in (2, 3):  # bad input or a missing dataset: found before any work, as a rule
+            remove_empty_run_dir()
         fail(str(exc), exc.exit_code)
     except KeyboardInterrupt:  # Ctrl-C before the job could handle it itself (set-up, loading)
         if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
