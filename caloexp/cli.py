@@ -74,7 +74,7 @@ def report_errors() -> Iterator[None]:
         if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
             raise
         remove_empty_run_dir()
-        fail("interrupted (Ctrl-C) before anything was saved to resume from", 130)
+        fail("interrupted (Ctrl-C); nothing new was saved", 130)
 
 
 def one_line(message: str) -> str:
@@ -118,4 +118,4 @@ def run_hydra_app(app: Callable[[], object], config_name: str) -> None:
     try:
         app()
     except KeyboardInterrupt:  # while Hydra composes the config or sets up logging
-        fail("interrupted (Ctrl-C) before anything was saved to resume from", 130)
+        fail("interrupted (Ctrl-C); nothing new was saved", 130)
