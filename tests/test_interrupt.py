@@ -89,7 +89,7 @@ def test_sigint_during_set_up_gives_one_line_and_leaves_no_empty_run_folder(tmp_
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]
-    assert err.strip() == "error: interrupted (Ctrl-C) before anything was saved to resume from"
+    assert err.strip() == "error: interrupted (Ctrl-C); nothing new was saved"
     assert run_dirs(tmp_path) == []
 
 
