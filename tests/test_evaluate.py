@@ -119,7 +119,7 @@ def test_mlflow_run_logs_a_child_evaluation_run_and_leaves_the_training_run_alon
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    exp = client.create_experiment("trainings")
+    exp = client.create_experiment("trainings", artifact_location=(tmp_path / "artifacts").as_uri())
     trained = client.create_run(exp, run_name="wgangp-embedded-0101-000000")
     client.log_metric(trained.info.run_id, "sep/mean", 0.5, step=40)
     client.set_terminated(trained.info.run_id, "FINISHED")
