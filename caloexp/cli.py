@@ -10,6 +10,7 @@ the error is re-raised so that the sweeper can record the failed trial and go on
 from __future__ import annotations
 
 import re
+import shutil
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,6 +30,36 @@ def fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
+HYDRA_FILES = {"config.yaml", "hydra.yaml", "overrides.yaml"}
+
+
+def remove_empty_run_dir() -> Path | None:
+    """Delete the job's Hydra run directory if it holds nothing but ``.hydra/`` and the job's log.
+
+    A command that fails before doing any work (a bad value found by the job, a missing dataset,
+    Ctrl-C during set-up) would otherwise leave an empty ``outputs/<task>/<time>`` folder behind.
+    Never touches the working directory or a folder without Hydra's ``.hydra/``.
+    """
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    if hc.mode == RunMode.MULTIRUN or not hc.output_subdir:
+        return None
+    run_dir = Path(hc.runtime.output_dir).resolve()
+    if run_dir == Path.cwd().resolve() or run_dir == Path(hc.runtime.cwd).resolve():
+        return None
+    hydra_dir = run_dir / str(hc.output_subdir)
+    try:
+        entries = {p.name for p in run_dir.iterdir()}
+        meta = {p.name for p in hydra_dir.iterdir()} if hydra_dir.is_dir() else None
+    except OSError:
+        return None
+    if meta is None or not meta <= HYDRA_FILES or not entries <= {hydra_dir.name, f"{hc.job.name}.log"}:
+        return None
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return run_dir
+
+
 @contextmanager
 def report_errors() -> Iterator[None]:
     try:
@@ -36,7 +67,14 @@ def report_errors() -> Iterator[None]:
     except CaloexpError as exc:
         if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
             raise
+        if exc.exit_code in (2, 3):  # bad input or a missing dataset: found before any work, as a rule
+            remove_empty_run_dir()
         fail(str(exc), exc.exit_code)
+    except KeyboardInterrupt:  # Ctrl-C before the job could handle it itself (set-up, loading)
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise
+        remove_empty_run_dir()
+        fail("interrupted (Ctrl-C); nothing new was saved", 130)
 
 
 def one_line(message: str) -> str:
@@ -77,4 +115,7 @@ def run_hydra_app(app: Callable[[], object], config_name: str) -> None:
         problem = check_overrides(config_name, [a for a in args if not a.startswith("hydra.")])
         if problem:
             fail(problem)
-    app()
+    try:
+        app()
+    except KeyboardInterrupt:  # while Hydra composes the config or sets up logging
+        fail("interrupted (Ctrl-C); nothing new was saved", 130)

@@ -105,42 +105,51 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
 def log_to_mlflow(cfg: DictConfig, result: dict[str, float], out: Path, pngs: list[Path], geometry: geo.Geometry,
                   n_ref: int, n_gen: int, thr: float) -> str:
-    """Log metrics, metrics.json and the plots to a new run or into ``mlflow_run``."""
-    import mlflow
+    """Log metrics, parameters, metrics.json and the plots to a new evaluation run; return its id.
+
+    With ``mlflow_run=<training run id>`` the evaluation run is created in the training run's
+    experiment as its child (``mlflow.parentRunId``) and tagged ``caloexp.evaluates=<id>``; the
+    training run itself is never reopened, so its status, end time and metrics stay as they were.
+    """
+    from mlflow.entities import Metric, Param
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     from caloexp.tracking import get_or_create_experiment
 
-    mlflow.set_tracking_uri(str(cfg.tracking_uri))
     client = MlflowClient(str(cfg.tracking_uri))
-    existing = cfg.mlflow_run is not None
-    prefix = "evaluate/" if existing else ""
+    tags: dict[str, str] = {}
+    name = f"evaluate-{Path(str(cfg.generated)).stem}"
+    if cfg.mlflow_run is not None:
+        try:
+            trained = client.get_run(str(cfg.mlflow_run))
+        except MlflowException as exc:
+            raise InputError(f"mlflow_run={cfg.mlflow_run}: no such run at {cfg.tracking_uri} "
+                             f"({str(exc).splitlines()[0]})") from None
+        exp = trained.info.experiment_id
+        tags = {"mlflow.parentRunId": trained.info.run_id, "caloexp.evaluates": trained.info.run_id}
+        name = f"evaluate-{trained.info.run_name or trained.info.run_id[:8]}"
+    else:
+        exp = get_or_create_experiment(client, str(cfg.experiment_name))
+    run_id = client.create_run(exp, run_name=name, tags=tags).info.run_id
+    status = "FAILED"
     try:
-        if existing:
-            run = mlflow.start_run(run_id=str(cfg.mlflow_run))
-        else:
-            exp = get_or_create_experiment(client, str(cfg.experiment_name))
-            run = mlflow.start_run(experiment_id=exp, run_name=f"evaluate-{Path(str(cfg.generated)).stem}")
-    except MlflowException as exc:
-        raise InputError(f"mlflow_run={cfg.mlflow_run}: cannot open the run at {cfg.tracking_uri} "
-                         f"({str(exc).splitlines()[0]})") from None
-    with run:
-        items = [(prefix + k, v) for k, v in result.items() if np.isfinite(v)]
-        for i in range(0, len(items), 500):
-            mlflow.log_metrics(dict(items[i:i + 500]))
         params = {"generated": str(cfg.generated), "reference": str(cfg.reference), "geometry": geometry.name,
                   "threshold_MeV": thr, "n_reference": n_ref, "n_generated": n_gen,
                   "groups": ",".join(cfg.metrics.groups)}
-        if existing:
-            mlflow.set_tags({f"caloexp.evaluate.{k}": str(v) for k, v in params.items()})
-        else:
-            mlflow.log_params(params)
-        mlflow.log_artifact(str(out / "metrics.json"), "evaluation")
+        client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, 0) for k, v in result.items() if np.isfinite(v)]
+        for i in range(0, len(items), 500):
+            client.log_batch(run_id, metrics=items[i:i + 500])
+        client.log_artifact(run_id, str(out / "metrics.json"), "evaluation")
         for p in pngs:
-            mlflow.log_artifact(str(p), "evaluation/plots")
-        log.info("logged to MLflow run %s", run.info.run_id)
-        return run.info.run_id
+            client.log_artifact(run_id, str(p), "evaluation/plots")
+        status = "FINISHED"
+    finally:
+        client.set_terminated(run_id, status)
+    log.info("logged to MLflow run %s%s", run_id, f" (evaluates run {cfg.mlflow_run})" if cfg.mlflow_run else "")
+    return run_id
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")

@@ -78,13 +78,6 @@ def test_cli_end_to_end_with_mlflow(files, tmp_path):
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation/plots")}
     assert "evaluation/plots/shower_3d.png" in arts
 
-    # logging into an existing run prefixes the names
-    r2 = run_cli(["caloexp.evaluate", f"generated={files / 'gen.hdf5'}", f"reference={files / 'ref.hdf5'}",
-                  f"out={tmp_path / 'e2'}", "metrics=fast", "plots=false", f"mlflow_run={run.info.run_id}"],
-                 cwd=tmp_path, timeout=300)
-    assert r2.returncode == 0, r2.stderr[-2000:]
-    assert "evaluate/sep/mean" in client.get_run(run.info.run_id).data.metrics
-
 
 def _bad(tmp_path, name, energies, showers):
     p = tmp_path / name
@@ -119,3 +112,35 @@ def test_bad_input_gives_one_line_and_nonzero_exit(files, tmp_path, case):
     lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_mlflow_run_logs_a_child_evaluation_run_and_leaves_the_training_run_alone(files, tmp_path):
+    """``mlflow_run=<id>``: a new run, child of and tagged with the training run, which is not reopened."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.create_experiment("trainings", artifact_location=(tmp_path / "artifacts").as_uri())
+    trained = client.create_run(exp, run_name="wgangp-embedded-0101-000000")
+    client.log_metric(trained.info.run_id, "sep/mean", 0.5, step=40)
+    client.set_terminated(trained.info.run_id, "FINISHED")
+    before = client.get_run(trained.info.run_id)
+    args = ["caloexp.evaluate", f"generated={files / 'gen.hdf5'}", f"reference={files / 'ref.hdf5'}",
+            f"out={tmp_path / 'e2'}", "metrics=fast", "plots=false"]
+    r = run_cli([*args, f"mlflow_run={trained.info.run_id}"], cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+    after = client.get_run(trained.info.run_id)
+    assert (after.info.status, after.info.end_time) == (before.info.status, before.info.end_time)
+    assert after.data.metrics == before.data.metrics and after.data.params == before.data.params
+    (child,) = client.search_runs([exp], filter_string=f"tags.`caloexp.evaluates` = '{trained.info.run_id}'")
+    assert child.info.run_id != trained.info.run_id and child.info.status == "FINISHED"
+    assert child.data.tags["mlflow.parentRunId"] == trained.info.run_id
+    assert child.info.run_name == "evaluate-wgangp-embedded-0101-000000"
+    saved = json.loads((tmp_path / "e2" / "metrics.json").read_text())
+    assert child.data.metrics["sep/mean"] == pytest.approx(saved["sep/mean"])
+    assert child.data.params["n_generated"] == "600"
+    assert {a.path for a in client.list_artifacts(child.info.run_id, "evaluation")} == {"evaluation/metrics.json"}
+
+    bad = run_cli([*args, "mlflow_run=0123456789abcdef0123456789abcdef"], cwd=tmp_path, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: mlflow_run=0123456789abcdef"), bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1

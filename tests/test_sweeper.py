@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -115,6 +116,31 @@ def test_minimises_quadratic_and_writes_reproducible_best_config(tmp_path):
     run_toy(tmp_path, "experiment=toy_x_best", f"hydra.searchpath=[file://{tmp_path / 'cfg'}]", multirun=False)
     rerun = records(tmp_path)[n_before:]
     assert len(rerun) == 1 and rerun[0]["x"] == study.best_params["x"]
+
+
+def test_best_config_goes_to_the_project_root_and_is_an_experiment_option(tmp_path):
+    """Default location <root>/experiments (never the source tree); `experiment=<study>_best` and --help find it."""
+    cmd = [a for a in toy_cmd(tmp_path, "hydra.sweeper.n_trials=4") if not a.startswith("hydra.sweeper.best_config_dir")]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=toy_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "experiments" / "toy_x_best.yaml").is_file()
+    assert not (TOY.parent / "conf" / "experiment").exists()
+    study = load(tmp_path)
+    n_before = len(records(tmp_path))
+    run_toy(tmp_path, "experiment=toy_x_best", multirun=False)  # no hydra.searchpath needed
+    assert [r["x"] for r in records(tmp_path)[n_before:]] == [study.best_params["x"]]
+    # it is an option of the existing group, and no other group appears
+    helped = subprocess.run([sys.executable, str(TOY), "--help"], cwd=tmp_path, env=toy_env(), capture_output=True,
+                            text=True, timeout=240)
+    section = helped.stdout.split("== Configuration groups ==")[1].split("== Config ==")[0]
+    assert re.search(r"^experiment: toy_x_best$", section, re.M), section
+    assert {m.group(1) for m in re.finditer(r"^(\S+): ", section, re.M)} == {"experiment", "sweeps"}
+    # elsewhere (another root without experiments/) the option does not exist
+    other = tmp_path / "other"
+    other.mkdir()
+    proc = subprocess.run([sys.executable, str(TOY), "experiment=toy_x_best"], cwd=other, env=toy_env(),
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0 and "experiment" in proc.stderr, proc.stderr
 
 
 def test_failed_and_diverged_trials_are_recorded_and_the_study_goes_on(tmp_path):
@@ -257,6 +283,14 @@ def test_mlflow_parent_run_children_and_resume_reuses_parent(tmp_path):
     arts = {a.path for d in ("optuna", "best_config") for a in client.list_artifacts(parent.info.run_id, d)}
     assert {"optuna/optimization_history.png", "optuna/param_importances.png", "optuna/trials.csv",
             "best_config/toy_x_best.yaml"} <= arts, arts
+    # swept values under their own prefix, and the experiment's `sweep` view shows them with the objective
+    for r in children:
+        trial = study.trials[int(r.data.tags["optuna_trial"])]
+        assert r.data.params["sweep.x"] == str(trial.params["x"])
+        assert not [k for k in r.data.params if k.startswith("sweep.") and k != "sweep.x"]
+    view = json.loads(client.get_experiment(exp.experiment_id).tags["mlflow.sharedViewState.sweep"])
+    assert view["selectedColumns"] == ["metrics.`toy/objective`", "params.`sweep.x`"]
+    assert view["orderByKey"] == "metrics.`toy/objective`" and view["orderByAsc"] is True
 
 
 # -- search path: only the `sweeps` group is added ---------------------------------------------------
@@ -276,6 +310,8 @@ def test_help_lists_only_real_groups_in_a_project_full_of_yaml(tmp_path):
                  "multirun/2024-01-01/0/.hydra/overrides.yaml", "mlruns/models/m/version-1/meta.yaml"):
         (tmp_path / junk).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / junk).write_text("a: 1\n")
+    (tmp_path / "experiments").mkdir()  # where sweeps write <study>_best.yaml
+    (tmp_path / "experiments" / "wgangp_lr_best.yaml").write_text("# @package _global_\ntrainer: {max_steps: 77}\n")
     env = dict(os.environ, PYTHONPATH=str(tmp_path))  # this copy's caloexp and plugin, as a user's clone
     proc = subprocess.run([sys.executable, "-m", "caloexp.train", "--help"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=240)
@@ -284,11 +320,15 @@ def test_help_lists_only_real_groups_in_a_project_full_of_yaml(tmp_path):
     groups = {m.group(1) for m in re.finditer(r"^(\S+): ", section, re.M)}
     assert groups == REAL_GROUPS, sorted(groups ^ REAL_GROUPS)
     assert re.search(r"^sweeps: .*wgangp_lr", section, re.M)
+    assert re.search(r"^experiment: gan602, smoke, wgangp_lr_best$", section, re.M), section
     # the sweeps group still selects the project's sweep files
     proc = subprocess.run([sys.executable, "-m", "caloexp.train", "sweeps=wgangp_lr", "--cfg", "job"], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "max_steps: 1500" in proc.stdout and "optimized_metric: sep/mean" in proc.stdout
+    assert "max_steps: 1500" in proc.stdout and "optimized_metric: monitor/score" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "caloexp.train", "+experiment=wgangp_lr_best", "--cfg", "job"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0 and "max_steps: 77" in proc.stdout, proc.stderr[-3000:]
 
 
 def test_killed_workers_mlflow_run_is_closed_and_retries_are_reported_apart(tmp_path):

@@ -338,3 +338,44 @@ def ensure_embedded(data_dir: str | Path, n_showers: int = 15000, seed: int = 12
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """``python -m caloexp.data.embedded --seed 7 --output data/heldout.hdf5``: write a simulator sample.
+
+    With another seed than the training data's (``data.embedded_seed``, 1234) it is an independent
+    held-out sample of the same physics, e.g. the reference for ``caloexp.evaluate``.
+    """
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m caloexp.data.embedded",
+                                     description="Write a sample of the embedded photon simulator (CaloChallenge "
+                                                 "dataset-1 photon format) and print its path.")
+    parser.add_argument("--seed", type=int, default=1234, help="random seed (training data: 1234; default %(default)s)")
+    parser.add_argument("--n-showers", type=int, default=15000, help="number of showers (default %(default)s)")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="file to write (default: the cache file in --data-dir that training would use)")
+    parser.add_argument("--data-dir", type=Path, default=Path("data"), help="cache folder (default %(default)s)")
+    args = parser.parse_args(argv)
+    try:
+        if args.n_showers < 1:
+            raise InputError(f"--n-showers={args.n_showers} must be >= 1")
+        if args.output is None:
+            path = ensure_embedded(args.data_dir, args.n_showers, args.seed)
+        else:
+            g = builtin("dataset_1_photons")
+            data = simulate(args.n_showers, seed=args.seed, geometry=g)
+            args.output.parent.mkdir(parents=True, exist_ok=True)
+            path = calochallenge.write(args.output, data.energies, data.showers, geometry=g, attrs=dict(
+                PARAMS, generator="caloexp.data.embedded", n_showers=args.n_showers, seed=args.seed,
+                geometry=g.name, note="parametric stand-in for CaloChallenge dataset 1 photons, not real data"))
+    except (InputError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(path)
+    return path
+
+
+if __name__ == "__main__":
+    main()

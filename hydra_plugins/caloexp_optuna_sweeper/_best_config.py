@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 from hydra.core.override_parser.types import Override
 from omegaconf import OmegaConf
@@ -68,10 +68,3 @@ def write_best_config(path: Path, text: str) -> Path:
     tmp.replace(path)
     return path
 
-
-def primary_config_dir(config: Any) -> Optional[Path]:
-    """Directory of the app's primary config (``hydra.runtime.config_sources`` provider ``main``)."""
-    for src in OmegaConf.select(config, "hydra.runtime.config_sources") or []:
-        if src.get("provider") == "main" and src.get("schema") == "file":
-            return Path(src.get("path"))
-    return None

@@ -15,8 +15,9 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from . import _coordination as co
-from ._best_config import primary_config_dir, render_best_config, write_best_config
+from ._best_config import render_best_config, write_best_config
 from ._search_space import SweepConfigError, format_value, parse_search_space
+from .searchpath import EXPERIMENTS_DIR
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +96,9 @@ class StudyRunner:
             raise SweepConfigError(f"{where}: hydra.sweeper.mlflow is true but logger.tracking_uri is not set")
         self.tracking_uri = str(tracking_uri) if tracking_uri else None
         self.experiment_name = str(OmegaConf.select(cfg, "logger.experiment_name", default=None) or "Default")
-        best_dir = sweeper.best_config_dir or (
-            str(primary_config_dir(cfg) / "experiment") if primary_config_dir(cfg) else None)
-        self.best_config_path = Path(best_dir) / f"{self.study_name}_best.yaml" if best_dir else None
+        # outside the source tree: <paths.root_dir>/experiments, served as group `experiment` by searchpath.py
+        best_dir = Path(sweeper.best_config_dir) if sweeper.best_config_dir else Path(root).resolve() / EXPERIMENTS_DIR
+        self.best_config_path = best_dir / f"{self.study_name}_best.yaml"
         self.tracker: Any = None
         self.sampler_ready = False
 
@@ -150,7 +151,7 @@ class StudyRunner:
                 from ._mlflow import StudyTracker
 
                 self.tracker = StudyTracker(self.tracking_uri, self.experiment_name, self.study_name,
-                                            sweep_id, self.metric)
+                                            sweep_id, self.metric, [spec.name for spec in self.specs])
                 self.tracker.open_parent(self._parent_params())
         log.info("Study '%s' (sweep id %s) in %s: %d trials in total, %d per batch, %s %s",
                  self.study_name, sweep_id, self.storage_url, self.n_trials, self.n_jobs,

@@ -3,6 +3,10 @@
 The training task creates each child run itself (``logger.parent_run_id`` + ``logger.tags``);
 this module creates/reuses the parent run, links children back to Optuna trials, and logs the
 study's best value, plots, trial table and best config to the parent.
+
+Each trial's run also gets the swept values as params ``sweep.<name>`` (apart from the hundreds
+of flattened config params) and the objective under ``optimized_metric``; the experiment's
+runs-table view ``sweep`` (``viewStateShareKey=sweep`` in the UI link) shows exactly those.
 """
 from __future__ import annotations
 
@@ -17,26 +21,38 @@ from typing import Any, Dict, List, Optional
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from caloexp.tracking import get_or_create_experiment
+from caloexp.tracking import get_or_create_experiment, set_runs_view
 
 from ._coordination import outcome_counts
 
 log = logging.getLogger(__name__)
 
 ROLE_TAG = "caloexp.sweep_role"
+SWEEP_PARAM_PREFIX = "sweep."
+VIEW_KEY = "sweep"
 
 
 class StudyTracker:
     """Parent run of ``study_name`` (identified by its ``sweep_id``) in ``experiment_name``."""
 
     def __init__(self, tracking_uri: str, experiment_name: str, study_name: str, sweep_id: str,
-                 metric: str) -> None:
+                 metric: str, swept: Optional[List[str]] = None) -> None:
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self.tracking_uri, self.study_name, self.sweep_id, self.metric = tracking_uri, study_name, sweep_id, metric
         self.experiment_id = get_or_create_experiment(self.client, experiment_name, tracking_uri)
         self.parent_run_id: Optional[str] = None
+        self.swept: List[str] = list(swept or [])
+        self._set_view()
+
+    def _set_view(self) -> None:
+        """Runs-table view ``sweep``: the objective and the swept parameters as columns, best first."""
+        try:
+            set_runs_view(self.client, self.experiment_id, [self.metric],
+                          [SWEEP_PARAM_PREFIX + p for p in self.swept], key=VIEW_KEY)
+        except Exception as e:  # tracking trouble must not stop the study
+            log.warning("MLflow: could not store the runs view '%s': %s", VIEW_KEY, e)
 
     def open_parent(self, params: Dict[str, Any]) -> str:
         """Reuse the study's parent run (found by tags) or create it; call under the study lock."""
@@ -105,6 +121,11 @@ class StudyTracker:
                 for k, v in params.items():
                     if k not in run.data.params:
                         self.client.log_param(run_id, k, str(v))
+                    if SWEEP_PARAM_PREFIX + k not in run.data.params:
+                        self.client.log_param(run_id, SWEEP_PARAM_PREFIX + k, str(v))
+                if any(k not in self.swept for k in params):  # custom_search_space added some
+                    self.swept += [k for k in params if k not in self.swept]
+                    self._set_view()
                 if trial.state == TrialState.COMPLETE and self.metric not in run.data.metrics:
                     self.client.log_metric(run_id, self.metric, float(trial.value))
             except Exception as e:  # tracking trouble must not stop the study

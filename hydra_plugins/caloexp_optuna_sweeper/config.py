@@ -26,7 +26,7 @@ class CaloexpOptunaSweeperConf:
 
     # caloexp additions
     mlflow: Optional[bool] = None        # parent run + child grouping; null: on iff the app has logger.tracking_uri
-    best_config_dir: Optional[str] = None  # null: <primary config dir>/experiment
+    best_config_dir: Optional[str] = None  # null: <paths.root_dir or cwd>/experiments (+experiment=<study>_best)
     heartbeat_interval: int = 30         # s between "still running" marks of in-flight trials
     grace_period: int = 600              # s without a mark after which a RUNNING trial is abandoned
     retry_abandoned: bool = True         # re-run an abandoned (interrupted/killed) trial's params once
