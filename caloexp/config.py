@@ -7,10 +7,13 @@ any work starts, each problem as one line naming the setting.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import Any, Optional
+from datetime import datetime
+from typing import Any, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 from caloexp.errors import ConfigError
 
@@ -57,6 +60,40 @@ def validate_trainer(tc: Any) -> None:
 
 def register() -> None:
     ConfigStore.instance().store(group="trainer", name="schema", node=TrainerConfig)
+
+
+_SKIP_OVERRIDE = re.compile(r"^(model|data|experiment|sweeps)=|^(hydra|logger|paths)\.|_dir=|^resume=")
+
+
+def run_name(model: str, data: str, overrides: Sequence[str] = (), when: datetime | None = None,
+             max_overrides: int = 3, max_len: int = 60) -> str:
+    """``<model>-<data>-<short key overrides>-<MMDD-HHMMSS>``: distinguishable at a glance.
+
+    Overrides are shortened to the last key component (``optimizer.generator.lr=1e-4`` ->
+    ``lr=1e-4``); model/data choices, paths, hydra and logger settings are left out.
+    """
+    data = data.replace("embedded_", "").replace("dataset_", "ds")
+    short = []
+    for o in overrides:
+        o = str(o)
+        o = o.lstrip("+~")
+        if "=" not in o or _SKIP_OVERRIDE.search(o):
+            continue
+        key, value = o.split("=", 1)
+        short.append(f"{key.rsplit('.', 1)[-1]}={value.strip(chr(39) + chr(34))[:12]}")
+    stamp = (when or datetime.now()).strftime("%m%d-%H%M%S")
+    middle = ",".join(short[:max_overrides]) + (",..." if len(short) > max_overrides else "")
+    name = "-".join(p for p in (model, data, middle) if p)
+    return f"{name[:max_len - len(stamp) - 1]}-{stamp}"
+
+
+def _run_name_resolver(model: str, data: str, overrides: Any = ()) -> str:
+    return run_name(model, data, list(overrides or ()))
+
+
+if not OmegaConf.has_resolver("caloexp.run_name"):
+    # cached per config object: the name (and its time stamp) stays the same however often it is read
+    OmegaConf.register_new_resolver("caloexp.run_name", _run_name_resolver, use_cache=True)
 
 
 register()

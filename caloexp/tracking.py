@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import subprocess
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import mlflow
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
+
+from caloexp.config import run_name  # noqa: F401 - run names are composed with the config (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -116,39 +116,6 @@ def ui_url(server: str, experiment_id: str, view: str | None = UI_VIEW_KEY) -> s
     query = "workflowType=machine_learning" + (f"&viewStateShareKey={view}" if view else "")
     return f"{base}/#/experiments/{experiment_id}/runs?{query}"
 
-
-_SKIP_OVERRIDE = re.compile(r"^(model|data|experiment|sweeps)=|^(hydra|logger|paths)\.|_dir=|^resume=")
-
-
-def run_name(model: str, data: str, overrides: Sequence[str] = (), when: datetime | None = None,
-             max_overrides: int = 3, max_len: int = 60) -> str:
-    """``<model>-<data>-<short key overrides>-<MMDD-HHMMSS>``: distinguishable at a glance.
-
-    Overrides are shortened to the last key component (``optimizer.generator.lr=1e-4`` ->
-    ``lr=1e-4``); model/data choices, paths, hydra and logger settings are left out.
-    """
-    data = data.replace("embedded_", "").replace("dataset_", "ds")
-    short = []
-    for o in overrides:
-        o = str(o)
-        o = o.lstrip("+~")
-        if "=" not in o or _SKIP_OVERRIDE.search(o):
-            continue
-        key, value = o.split("=", 1)
-        short.append(f"{key.rsplit('.', 1)[-1]}={value.strip(chr(39) + chr(34))[:12]}")
-    stamp = (when or datetime.now()).strftime("%m%d-%H%M%S")
-    middle = ",".join(short[:max_overrides]) + (",..." if len(short) > max_overrides else "")
-    name = "-".join(p for p in (model, data, middle) if p)
-    return f"{name[:max_len - len(stamp) - 1]}-{stamp}"
-
-
-def _run_name_resolver(model: str, data: str, overrides: Any = ()) -> str:
-    return run_name(model, data, list(overrides or ()))
-
-
-if not OmegaConf.has_resolver("caloexp.run_name"):
-    # cached per config object: the name (and its time stamp) stays the same however often it is read
-    OmegaConf.register_new_resolver("caloexp.run_name", _run_name_resolver, use_cache=True)
 
 
 class Tracker:
