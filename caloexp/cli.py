@@ -98,12 +98,13 @@ def _outside_job_errors() -> Iterator[None]:
             raise
         from hydra._internal.utils import run_and_report
 
-        tb = exc.__traceback__  # from Hydra's own report_and_run on, as Hydra would have shown it
+        error = exc
+        tb = exc.__traceback__  # from Hydra's own run_and_report on, as Hydra would have shown it
         while tb is not None and tb.tb_frame.f_code.co_name != "run_and_report":
             tb = tb.tb_next
 
         def again() -> None:
-            raise exc.with_traceback(tb or exc.__traceback__)
+            raise error.with_traceback(tb or error.__traceback__)
 
         run_and_report(again)  # Hydra's stripped traceback and exit 1
     finally:

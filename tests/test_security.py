@@ -11,9 +11,7 @@ Each payload is first shown to be live: instantiating it with plain Hydra does w
 """
 from __future__ import annotations
 
-import os
 import pathlib
-import shutil
 from pathlib import Path
 
 import pytest
