@@ -16,7 +16,7 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
-from caloexp.errors import ConfigError
+from caloexp.errors import ConfigError, InputError
 
 ALLOWED_MODULES = ("caloexp.",)
 ALLOWED_KEYS = {"_target_", "_partial_"}
@@ -32,6 +32,8 @@ def _resolve_class(target: Any, where: str) -> type:
         raise ConfigError(f"{where}._target_={target}: no such class") from None
     if not isinstance(obj, type):
         raise ConfigError(f"{where}._target_={target}: refused (not a class)")
+    if not (obj.__module__ or "").startswith(ALLOWED_MODULES):  # a name caloexp merely imported (Path, ...)
+        raise ConfigError(f"{where}._target_={target}: refused (a {obj.__module__} class, not one of caloexp's)")
     return obj
 
 
@@ -57,11 +59,42 @@ def check_targets(node: Any, where: str, top: type | None = None) -> None:
             check_targets(v, f"{where}[{i}]")
 
 
-def instantiate(cfg: DictConfig | Mapping, where: str, base: type, **kwargs: Any) -> Any:
-    """Build ``cfg`` after :func:`check_targets`; a failure becomes one line naming ``where``."""
-    if not isinstance(cfg, DictConfig):
-        cfg = OmegaConf.create(dict(cfg))
+def check_group(cfg: Any, where: str, base: type) -> None:
+    """A group that must be built: a mapping with a ``_target_`` that :func:`check_targets` accepts."""
+    if not isinstance(cfg, (DictConfig, Mapping)) or "_target_" not in cfg:
+        raise ConfigError(f"{where}: refused (not a mapping with a caloexp _target_)")
     check_targets(cfg, where, base)
+
+
+def check_stored_config(cfg: DictConfig, source: Any) -> None:
+    """Refuse a config read from a file (a checkpoint's ``config_yaml``) unless everything that training
+    would build from it is allowed: data, model (caloexp classes), optimizer and scheduler (torch.optim
+    classes). Raises :class:`InputError` naming ``source``, the key and that it is refused."""
+    from caloexp.data.base import DataModule
+    from caloexp.models.base import GenerativeModel
+    from caloexp.optim import check_optim_config
+
+    try:
+        check_group(cfg.get("data"), "data", DataModule)
+        check_group(cfg.get("model"), "model", GenerativeModel)
+        check_optim_config(cfg.get("optimizer"), cfg.get("scheduler"))
+    except ConfigError as exc:
+        raise InputError(f"{source}: stored config: {exc}") from None
+
+
+def instantiate(cfg: DictConfig | Mapping, where: str, base: type, **kwargs: Any) -> Any:
+    """Build ``cfg`` after :func:`check_targets`; a failure becomes one line naming ``where``.
+
+    The config is resolved first and the resolved copy is both checked and built, so an
+    interpolation cannot resolve to something else between the check and the build."""
+    if not isinstance(cfg, (DictConfig, Mapping)):
+        raise ConfigError(f"{where}: refused (not a mapping with a caloexp _target_)")
+    try:
+        plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+        cfg = OmegaConf.create(plain)
+    except Exception as exc:  # noqa: BLE001 - OmegaConf raises several types for bad values/interpolations
+        raise ConfigError(f"{where}: unreadable config ({str(exc).splitlines()[0][:160]})") from None
+    check_group(cfg, where, base)
     try:
         return hydra.utils.instantiate(cfg, **kwargs)
     except InstantiationException as exc:

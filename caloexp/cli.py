@@ -9,6 +9,8 @@ the error is re-raised so that the sweeper can record the failed trial and go on
 """
 from __future__ import annotations
 
+import errno
+import os
 import re
 import shutil
 import sys
@@ -75,6 +77,83 @@ def report_errors() -> Iterator[None]:
             raise
         remove_empty_run_dir()
         fail("interrupted (Ctrl-C); nothing new was saved", 130)
+    except OSError as exc:
+        line = disk_full_line(exc)
+        if line is None or (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN):
+            raise
+        fail(line)
+
+
+def disk_full_line(exc: BaseException) -> str | None:
+    """``<path>: no space left on device ...`` for a full disk or quota anywhere in ``exc``'s chain, else None."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = exc.filename or _written_path(exc)
+            if where is None and HydraConfig.initialized():
+                where = HydraConfig.get().runtime.output_dir
+            return (f"{where or 'output directory'}: no space left on device (while writing outputs); "
+                    "free space and run again")
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _written_path(exc: BaseException) -> str | None:
+    """The file being written when a write (not an open) failed: from the failing frames' locals
+    (Hydra's ``_save_config(cfg, filename, output_dir)``), innermost first."""
+    frames, tb = [], exc.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame.f_locals)
+        tb = tb.tb_next
+    for local in reversed(frames):
+        out = local.get("output_dir")
+        if isinstance(out, (str, Path)):
+            name = local.get("filename")
+            return str(Path(out) / name) if isinstance(name, str) else str(out)
+    return None
+
+
+@contextmanager
+def _outside_job_errors() -> Iterator[None]:
+    """Hydra reports an error raised outside the job (writing ``.hydra/`` into a full output directory)
+    as a traceback; let it reach us (HYDRA_FULL_ERROR) and print one line when it is a full disk, else
+    give it back to Hydra's own report. Failed log writes (train.log on a full disk) are not reported
+    line by line: the error itself is."""
+    import logging
+
+    logging.raiseExceptions = False
+    user_setting = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - classified here, otherwise reported exactly as Hydra would
+        restore_env("HYDRA_FULL_ERROR", user_setting)
+        line = disk_full_line(exc)
+        if line is not None:
+            fail(line)
+        if user_setting is not None:
+            raise
+        from hydra._internal.utils import run_and_report
+
+        error = exc
+        tb = exc.__traceback__  # from Hydra's own run_and_report on, as Hydra would have shown it
+        while tb is not None and tb.tb_frame.f_code.co_name != "run_and_report":
+            tb = tb.tb_next
+
+        def again() -> None:
+            raise error.with_traceback(tb or error.__traceback__)
+
+        run_and_report(again)  # Hydra's stripped traceback and exit 1
+    finally:
+        restore_env("HYDRA_FULL_ERROR", user_setting)
+
+
+def restore_env(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
 
 
 def one_line(message: str) -> str:
@@ -116,6 +195,7 @@ def run_hydra_app(app: Callable[[], object], config_name: str) -> None:
         if problem:
             fail(problem)
     try:
-        app()
+        with _outside_job_errors():
+            app()
     except KeyboardInterrupt:  # while Hydra composes the config or sets up logging
         fail("interrupted (Ctrl-C); nothing new was saved", 130)

@@ -11,10 +11,10 @@ Optimiser settings are shared by every role and overridden per role (``optimizer
 from __future__ import annotations
 
 import contextlib
+import importlib
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping
 
-import hydra
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
@@ -32,16 +32,35 @@ def _settings(cfg: DictConfig | Mapping | None) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
 
 
-def _optim_class(target: str, what: str, base: type) -> type:
-    if not isinstance(target, str) or not target.startswith(ALLOWED_PREFIXES):
-        raise ConfigError(f"{what}._target_={target!r}: must be a torch.optim class")
+SCHEDULER_BASES = (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+
+
+def _optim_class(target: str, what: str, base: type | tuple[type, ...]) -> type:
+    """The torch.optim class named ``<module>.<Class>`` exactly (no attribute walk through other modules)."""
+    if not isinstance(target, str) or not target.startswith(ALLOWED_PREFIXES) or target.count(".") < 2:
+        raise ConfigError(f"{what}._target_={target!r}: refused (must be a torch.optim class)")
+    module, _, name = target.rpartition(".")
     try:
-        cls = hydra.utils.get_class(target)
-    except Exception:  # noqa: BLE001 - Hydra wraps import errors in several types
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
         raise ConfigError(f"{what}._target_={target}: no such class") from None
-    if not (isinstance(cls, type) and issubclass(cls, base)):
-        raise ConfigError(f"{what}._target_={target}: not a {base.__name__}")
+    if not (isinstance(cls, type) and (cls.__module__ or "").startswith(ALLOWED_PREFIXES) and issubclass(cls, base)):
+        kind = "optimizer" if what == "optimizer" else "scheduler"
+        raise ConfigError(f"{what}._target_={target}: refused (not a torch.optim {kind} class)")
     return cls
+
+
+def check_optim_config(optimizer: DictConfig | Mapping | None, scheduler: DictConfig | Mapping | None) -> None:
+    """Every ``_target_`` of the optimizer (shared and per-role) and scheduler sections is a torch.optim
+    class of the right kind, before anything is built (configs read back from checkpoints)."""
+    settings = _settings(optimizer)
+    targets = [settings.get("_target_")] + [v["_target_"] for v in settings.values()
+                                            if isinstance(v, dict) and "_target_" in v]
+    for target in targets:
+        _optim_class(target, "optimizer", torch.optim.Optimizer)
+    target = _settings(scheduler).get("_target_")
+    if target:
+        _optim_class(target, "scheduler", SCHEDULER_BASES)
 
 
 def build_optimizer(cfg: DictConfig | Mapping, role: str, roles: tuple[str, ...], params) -> torch.optim.Optimizer:
@@ -66,7 +85,7 @@ def build_scheduler(cfg: DictConfig | Mapping | None, optimizer: torch.optim.Opt
     settings.pop("monitor", None)
     if not target:
         return None
-    cls = _optim_class(target, "scheduler", object)
+    cls = _optim_class(target, "scheduler", SCHEDULER_BASES)
     try:
         return cls(optimizer, **settings)
     except (TypeError, ValueError) as exc:

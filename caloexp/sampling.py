@@ -11,8 +11,10 @@ allow-list of :mod:`caloexp.build`, so nothing read from the file can run code.
 """
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -94,19 +96,26 @@ def build_model(model_cfg: Mapping[str, Any], data_shape, cond_dim: int):
     return instantiate(model_cfg, "model", GenerativeModel, data_shape=tuple(data_shape), cond_dim=int(cond_dim))
 
 
-def from_state(state: Mapping[str, Any], device: str | torch.device = "cpu",
-               ema: bool = True) -> tuple[EventGenerator, dict[str, Any]]:
-    """Rebuild the generator from a checkpoint's ``spec`` and weights (EMA weights when stored)."""
-    spec = state.get("spec")
-    if not isinstance(spec, Mapping) or "model" not in spec:
-        raise InputError("checkpoint has no generator spec (written by an older caloexp?)")
-    model = build_model(spec["model"], spec["data_shape"], spec["cond_dim"])
+def from_state(state: Mapping[str, Any], device: str | torch.device = "cpu", ema: bool = True,
+               origin: str | Path = "checkpoint") -> tuple[EventGenerator, dict[str, Any]]:
+    """Rebuild the generator from a checkpoint's ``spec`` and weights (EMA weights when stored).
+
+    ``origin`` (the file the state was read from) starts every error line."""
+    spec = state.get("spec") if isinstance(state, Mapping) else None
+    if not isinstance(spec, Mapping) or not isinstance(spec.get("model"), Mapping):
+        raise InputError(f"{origin}: no generator spec (written by an older caloexp?)")
+    try:
+        model = build_model(spec["model"], spec.get("data_shape"), spec.get("cond_dim"))
+    except ConfigError as exc:  # a foreign _target_ is refused: say which file it came from
+        raise InputError(f"{origin}: generator spec: {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{origin}: generator spec is malformed ({str(exc).splitlines()[0][:160]})") from None
     try:
         model.load_state_dict(state["model"])
         transform = Transform.from_spec(spec["transform"])
         transform.load_state_dict(state["transform"])
-    except (RuntimeError, KeyError, TypeError) as exc:
-        raise InputError(f"checkpoint weights do not fit its spec ({str(exc).splitlines()[0][:200]})") from None
+    except (RuntimeError, KeyError, TypeError, ValueError, ConfigError) as exc:
+        raise InputError(f"{origin}: weights do not fit its spec ({str(exc).splitlines()[0][:200]})") from None
     shadows = (state.get("optim") or {}).get("ema") or {}
     if ema:
         for role, ema_state in shadows.items():
@@ -119,11 +128,31 @@ def from_state(state: Mapping[str, Any], device: str | torch.device = "cpu",
 
 def load_state(source: str, tracking_uri: str | None = None) -> dict[str, Any]:
     """A checkpoint (file, run dir) or an MLflow run's logged generator, loaded weights-only."""
+    return _load_state(source, tracking_uri)[0]
+
+
+@contextmanager
+def _quiet_downloads() -> Iterator[None]:
+    """No MLflow progress bar on stderr: an error stays the one line the user reads."""
+    old = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = old
+
+
+def _load_state(source: str, tracking_uri: str | None = None) -> tuple[dict[str, Any], Path | str]:
+    """The state and the file it was read from."""
     p = Path(source).expanduser()
     from caloexp import checkpoint
 
     if p.exists():
-        return checkpoint.load(checkpoint.find(str(p), "."))
+        path = checkpoint.find(str(p), ".")
+        return checkpoint.load(path), path
     if source.startswith("runs:/") or (len(source) == 32 and all(c in "0123456789abcdef" for c in source)):
         run_id = source.split("/")[1] if source.startswith("runs:/") else source
         from mlflow.exceptions import MlflowException
@@ -132,17 +161,21 @@ def load_state(source: str, tracking_uri: str | None = None) -> dict[str, Any]:
         client = MlflowClient(tracking_uri)
         try:
             client.get_run(run_id)
-            local = client.download_artifacts(run_id, "generator/generator.pt")
+            with _quiet_downloads():
+                local = client.download_artifacts(run_id, "generator/generator.pt")
         except (MlflowException, OSError) as exc:
             try:  # an unfinished run has checkpoints but no logged generator yet
-                return checkpoint.load(checkpoint.find(run_id, ".", tracking_uri))
+                path = checkpoint.find(run_id, ".", tracking_uri)
+                return checkpoint.load(path), path
             except InputError:
                 raise InputError(f"{source}: no generator found at {tracking_uri} "
                                  f"({str(exc).splitlines()[0][:160]})") from None
+        origin = f"runs:/{run_id}/generator/generator.pt"
         try:
-            return torch.load(local, map_location="cpu", weights_only=True)
+            return torch.load(local, map_location="cpu", weights_only=True), origin
         except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
-            raise InputError(f"{local}: not a readable caloexp generator ({exc.__class__.__name__})") from None
+            raise InputError(f"{origin}: not a readable caloexp generator ({exc.__class__.__name__}; "
+                             "loaded weights-only, nothing in it was run)") from None
     raise InputError(f"{source}: neither a checkpoint file, a run directory nor an MLflow run id")
 
 
@@ -152,4 +185,5 @@ def load(source: str, tracking_uri: str | None = None, device: str | torch.devic
 
     ``tracking_uri`` is the MLflow store the run lives in (e.g. ``sqlite:///<project>/mlflow.db``).
     """
-    return from_state(load_state(source, tracking_uri), device, ema)
+    state, origin = _load_state(source, tracking_uri)
+    return from_state(state, device, ema, origin=origin)

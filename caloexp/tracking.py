@@ -10,8 +10,12 @@ metric's history has every step exactly once however often the run was interrupt
 """
 from __future__ import annotations
 
+import errno
+import functools
 import json
 import logging
+import os
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -21,6 +25,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from caloexp.config import run_name  # noqa: F401 - run names are composed with the config (re-exported)
+from caloexp.errors import CaloexpError
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +123,82 @@ def ui_url(server: str, experiment_id: str, view: str | None = UI_VIEW_KEY) -> s
 
 
 
+# ------------------------------------------------------------ store errors
+class TrackingError(CaloexpError):
+    """The MLflow store cannot be written (full disk, quota, database error): one line, run marked FAILED
+    when the store still takes that."""
+
+
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_FULL_TEXT = ("database or disk is full", "no space left on device", "disk quota exceeded")
+
+
+def _chain(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def store_path(tracking_uri: str) -> str:
+    """The file behind a ``sqlite:///`` store (what fills up), else the URI itself."""
+    return tracking_uri[len("sqlite:///"):] if tracking_uri.startswith("sqlite:///") else tracking_uri
+
+
+def store_error(exc: BaseException, what: str, where: str) -> TrackingError | None:
+    """One line for a failure of the MLflow store, or None when ``exc`` is not one (a bug keeps its traceback).
+
+    ``where``: the file or URI being written (the database, the run's artifact directory)."""
+    for e in _chain(exc):
+        text = str(e).lower()
+        if (isinstance(e, OSError) and e.errno in _FULL_ERRNOS) or any(t in text for t in _FULL_TEXT):
+            path = getattr(e, "filename", None) if isinstance(e, OSError) else None
+            return TrackingError(f"{path or where}: no space left on device while {what} (MLflow store); "
+                                 "free space and run again")
+    from mlflow.exceptions import MlflowException
+
+    if any(isinstance(e, (OSError, MlflowException)) or type(e).__module__.startswith("sqlalchemy")
+           for e in _chain(exc)):
+        first = next((ln for ln in str(exc).strip().splitlines() if ln.strip()), type(exc).__name__)
+        return TrackingError(f"{where}: cannot write to the MLflow store while {what} ({first.strip()[:200]})")
+    return None
+
+
+class _DropCaughtDbErrors(logging.Filter):
+    """MLflow logs a database error with its traceback before raising it; the raised error becomes one
+    line (:func:`store_error`), so the logged copy is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("SQLAlchemy database error")
+
+
+logging.getLogger("mlflow.store.db.utils").addFilter(_DropCaughtDbErrors())
+
+
+def _guarded(what: str, artifacts: bool = False):
+    """Method decorator: a store failure becomes a :class:`TrackingError` naming the file."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def inner(self, *args, **kwargs):
+            try:
+                return fn(self, *args, **kwargs)
+            except CaloexpError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - classified by store_error; others re-raised as they are
+                err = store_error(exc, what, self._artifact_dir() if artifacts else store_path(self.tracking_uri))
+                if err is None:
+                    raise
+                raise err from None
+        return inner
+    return wrap
+
+
 class Tracker:
-    """Opens (or re-opens) one MLflow run and logs into it; closes it with the right status."""
+    """Opens (or re-opens) one MLflow run and logs into it; closes it with the right status.
+
+    Every call that writes to the store turns a store failure (ENOSPC in an artifact copy, SQLite's
+    "database or disk is full", ...) into one :class:`TrackingError` line naming the file."""
 
     def __init__(self, tracking_uri: str, experiment_name: str, run_name: str | None = None,
                  parent_run_id: str | None = None, tags: Mapping[str, str] | None = None,
@@ -133,7 +212,17 @@ class Tracker:
         self.run_id: str | None = None
         self._logged_up_to: dict[str, int] = {}
 
+    def _artifact_dir(self) -> str:
+        try:
+            uri = mlflow.get_artifact_uri() if mlflow.active_run() is not None else None
+        except Exception:  # noqa: BLE001 - only used to name the place in an error line
+            uri = None
+        if uri and uri.startswith("file://"):
+            return uri[len("file://"):]
+        return uri or store_path(self.tracking_uri)
+
     # ---------------------------------------------------------------- open
+    @_guarded("opening the run")
     def start(self, config: DictConfig, run_id: str | None = None, extra_tags: Mapping[str, str] | None = None) -> str:
         """Start a new run (logging the config), or re-open ``run_id`` when resuming."""
         mlflow.set_tracking_uri(self.tracking_uri)
@@ -141,12 +230,14 @@ class Tracker:
         if run_id is not None:
             mlflow.start_run(run_id=run_id)
             self.run_id = run_id
+            mlflow.set_tags(process_tags())   # the process now owning the run
             self._logged_up_to = self._last_logged_steps(client, run_id)
             mlflow.set_tag("caloexp.resumed", "true")
             log.info("resumed MLflow run %s", run_id)
             return run_id
         exp_id = get_or_create_experiment(client, self.experiment_name, self.tracking_uri)
-        tags = dict(self.tags, **{k: str(v) for k, v in (extra_tags or {}).items()})
+        close_dead_runs(client, exp_id)
+        tags = dict(self.tags, **{k: str(v) for k, v in (extra_tags or {}).items()}, **process_tags())
         if self.parent_run_id:
             tags["mlflow.parentRunId"] = self.parent_run_id
         commit = git_commit()
@@ -169,20 +260,38 @@ class Tracker:
         return {k: max(m.step for m in client.get_metric_history(run_id, k)) for k in run.data.metrics}
 
     # ----------------------------------------------------------------- log
+    @_guarded("logging metrics")
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         fresh = {k: float(v) for k, v in metrics.items() if step > self._logged_up_to.get(k, -1)}
         if fresh:
             mlflow.log_metrics(fresh, step=step)
 
+    @_guarded("logging artifacts", artifacts=True)
     def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
         mlflow.log_artifacts(str(local_dir), artifact_path)
 
+    @_guarded("logging an artifact", artifacts=True)
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
-        mlflow.log_artifact(str(local_path), artifact_path)
+        self._log_file(Path(local_path), artifact_path)
 
+    def _log_file(self, local: Path, artifact_path: str | None) -> None:
+        """``mlflow.log_artifact``; a copy that failed part-way (full disk) is removed, not left half-written."""
+        try:
+            mlflow.log_artifact(str(local), artifact_path)
+        except OSError:
+            dest = Path(self._artifact_dir()) / (artifact_path or "") / local.name
+            try:
+                if dest.is_file() and dest.stat().st_size != local.stat().st_size:
+                    dest.unlink()
+            except OSError:
+                pass
+            raise
+
+    @_guarded("setting tags")
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
+    @_guarded("logging the dataset", artifacts=True)
     def log_dataset(self, description: Mapping[str, Any]) -> None:
         """What the model was trained on, as an MLflow dataset input and as ``dataset.json``."""
         import json
@@ -200,6 +309,7 @@ class Tracker:
         except Exception as exc:  # noqa: BLE001 - dataset lineage is a nicety, never a reason to fail a run
             log.debug("mlflow.log_input skipped: %s", exc)
 
+    @_guarded("logging the generator", artifacts=True)
     def log_generator(self, state: Mapping[str, Any], name: str = "generator") -> None:
         """Log the generator as weights + a plain spec (``generator/generator.pt``), never as a pickle.
 
@@ -215,14 +325,103 @@ class Tracker:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "generator.pt"
             torch.save(dict(state), path)
-            mlflow.log_artifact(str(path), name)
+            self._log_file(path, name)
         mlflow.set_tag("caloexp.model_uri", f"runs:/{self.run_id}/{name}")
 
     # ---------------------------------------------------------------- close
     def end(self, status: str = "FINISHED") -> None:
-        if mlflow.active_run() is not None:
+        """Close the run. When the store cannot take it: an unsuccessful run only warns (its own error is
+        what the user must read); a successful one raises :class:`TrackingError`."""
+        if mlflow.active_run() is None:
+            return
+        try:
             mlflow.end_run(status=status)
+        except Exception as exc:  # noqa: BLE001 - classified below
+            err = store_error(exc, f"marking the run {status}", store_path(self.tracking_uri))
+            if err is None:
+                raise
+            if status == "FINISHED":
+                raise err from None
+            log.warning("MLflow run %s could not be marked %s: %s", self.run_id, status, err)
 
+
+
+# ------------------------------------------------ runs whose process died
+PID_TAG, HOST_TAG, PID_START_TAG = "caloexp.pid", "caloexp.host", "caloexp.pid_start"
+END_REASON_TAG = "caloexp.end_reason"
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux), to tell a reused pid from the original."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def process_tags() -> dict[str, str]:
+    """Which process on which host writes the run (how a dead run is recognised later)."""
+    pid = os.getpid()
+    tags = {PID_TAG: str(pid), HOST_TAG: socket.gethostname()}
+    start = _start_time(pid)
+    if start:
+        tags[PID_START_TAG] = start
+    return tags
+
+
+def process_alive(pid: int, start: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    now = _start_time(pid)
+    return not (start and now and now != start)   # the pid was reused by a later process
+
+
+def _has_checkpoint(client: MlflowClient, run) -> bool:
+    local = run.data.tags.get("caloexp.checkpoint_dir")
+    if local and any((Path(local) / n).is_file() for n in ("last.ckpt", "best.ckpt")):
+        return True
+    try:
+        return bool(client.list_artifacts(run.info.run_id, "checkpoints"))
+    except Exception:  # noqa: BLE001 - no artifact store reachable: count it as having one (left alone)
+        return True
+
+
+def close_dead_runs(client: MlflowClient, experiment_id: str) -> list[str]:
+    """Mark KILLED the RUNNING runs of this experiment whose process (tags ``caloexp.pid``/``caloexp.host``)
+    is dead on this host and that left no checkpoint: killed before their first save, they can neither
+    finish nor be resumed. Runs of other hosts, live processes and runs with a checkpoint (resumable)
+    are left alone. Returns the ids closed."""
+    host = socket.gethostname()
+    closed = []
+    try:
+        runs = client.search_runs([experiment_id], filter_string=f"attributes.status = 'RUNNING' and "
+                                                                  f"tags.`{HOST_TAG}` = '{host}'", max_results=1000)
+    except Exception as exc:  # noqa: BLE001 - housekeeping must never stop a new run
+        log.debug("looking for dead runs failed: %s", exc)
+        return closed
+    for run in runs:
+        tags = run.data.tags
+        try:
+            pid = int(tags.get(PID_TAG, ""))
+        except ValueError:
+            continue
+        if pid == os.getpid() or process_alive(pid, tags.get(PID_START_TAG)) or _has_checkpoint(client, run):
+            continue
+        reason = f"process {pid} on {host} died before its first checkpoint; closed when a new run started"
+        try:
+            client.set_tag(run.info.run_id, END_REASON_TAG, reason)
+            client.set_terminated(run.info.run_id, "KILLED")
+        except Exception as exc:  # noqa: BLE001 - housekeeping must never stop a new run
+            log.debug("closing dead run %s failed: %s", run.info.run_id, exc)
+            continue
+        closed.append(run.info.run_id)
+        log.warning("MLflow run %s marked KILLED: %s", run.info.run_id, reason)
+    return closed
 
 
 class NullTracker:

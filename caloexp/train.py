@@ -33,10 +33,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from caloexp import checkpoint, runtime, sampling
 from caloexp import config as schemas
-from caloexp.build import instantiate
+from caloexp.build import check_stored_config, instantiate
 from caloexp.cli import CONF_DIR, report_errors, run_hydra_app
 from caloexp.data.base import DataModule
-from caloexp.errors import ConfigError, Interrupted, TrainingDiverged
+from caloexp.errors import ConfigError, InputError, Interrupted, TrainingDiverged
 from caloexp.models.base import GenerativeModel
 from caloexp.optim import Optim
 from caloexp.tracking import NullTracker, Tracker
@@ -60,9 +60,19 @@ def cli_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
-def resumed_config(saved_yaml: str, cfg: DictConfig) -> DictConfig:
-    """The interrupted run's config; the command line may change trainer/logger settings only."""
-    saved = OmegaConf.create(saved_yaml)
+def resumed_config(saved_yaml: str, cfg: DictConfig, source: Any = "checkpoint") -> DictConfig:
+    """The interrupted run's config; the command line may change trainer/logger settings only.
+
+    The text comes from a file (``source``): it is read as plain YAML and everything it would build
+    must pass the allow-list (:func:`caloexp.build.check_stored_config`) before anything is built."""
+    try:
+        saved = OmegaConf.create(saved_yaml)
+    except Exception as exc:  # noqa: BLE001 - yaml/OmegaConf raise many types; the file is simply bad
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{source}: stored config is not a plain YAML mapping ({first})") from None
+    if not isinstance(saved, DictConfig):
+        raise InputError(f"{source}: stored config is not a plain YAML mapping")
+    check_stored_config(saved, source)
     plain = lambda v: OmegaConf.to_container(v, resolve=True) if isinstance(v, DictConfig) else v  # noqa: E731
     for override in cli_overrides():
         key = override.split("=", 1)[0].lstrip("+~")
@@ -151,7 +161,7 @@ def train(cfg: DictConfig) -> float:
     if cfg.get("resume"):
         ckpt_path, ckpt = checkpoint.load_for_resume(str(cfg.resume), Path(cfg.paths.root_dir) / "outputs",
                                                      cfg.logger.tracking_uri)
-        cfg = resumed_config(ckpt["config_yaml"], cfg)
+        cfg = resumed_config(ckpt["config_yaml"], cfg, ckpt_path)
         log.info("resuming from %s at step %d", ckpt_path, ckpt["state"]["step"])
     tc = cfg.trainer
     schemas.validate_trainer(tc)
