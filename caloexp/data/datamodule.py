@@ -102,9 +102,15 @@ class ShowerDataModule(DataModule):
         return ShowerFiles(self.paths, self.geometry)
 
     def resolve_step(self, entry: Any) -> Any:
-        """``layer_energies`` with ``layers: geometry`` gets the voxel count of each layer of this geometry."""
-        if isinstance(entry, Mapping) and entry.get("step") == "layer_energies" and entry.get("layers") == "geometry":
-            return dict(entry, layers=[int(n) for n in self.geometry.voxels_per_layer if n > 0])
+        """``layer_energies`` with ``layers: geometry`` / ``threshold: geometry`` gets the voxel count of each
+        layer and the evaluation's voxel threshold (1 MeV for dataset 1) of this geometry."""
+        if isinstance(entry, Mapping) and entry.get("step") == "layer_energies":
+            entry = dict(entry)
+            if entry.get("layers") == "geometry":
+                entry["layers"] = [int(n) for n in self.geometry.voxels_per_layer if n > 0]
+            if entry.get("threshold") == "geometry":   # the readout threshold the evaluation applies
+                from caloexp.metrics.features import default_threshold
+                entry["threshold"] = float(default_threshold(self.geometry))
         return entry
 
     def writer_spec(self) -> dict[str, Any]:
