@@ -60,7 +60,7 @@ from caloexp.models.base import GenerativeModel
 from caloexp.optim import Optim
 from caloexp.runtime import Runtime
 with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-    cfg = compose("train", overrides=["data=dataset3", "data.files=[{path}]", "data.download=false",
+    cfg = compose("train", overrides=["model=wgangp", "data=dataset3", "data.files=[{path}]", "data.download=false",
                                       "data.streaming={str(streaming).lower()}", "data.max_events={max_events or 'null'}",
                                       "data.eval_events=200", "data.fit_events=2000", "paths.root_dir=/tmp",
                                       "model.generator.width=128", "model.critic.width=128"])
@@ -108,7 +108,7 @@ def ddp(args) -> None:
             env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS=str(max(1, os.cpu_count() // n)),
                        MLFLOW_TRACKING_URI=f"sqlite:///{tmp}/mlflow.db")
             cmd = (f"ip link set lo up && {sys.executable} -m torch.distributed.run --nproc_per_node={n} "
-                   f"--master_addr=127.0.0.1 --master_port=29513 -m caloexp.train trainer=ddp "
+                   f"--master_addr=127.0.0.1 --master_port=29513 -m caloexp.train model=wgangp trainer=ddp "
                    f"trainer.max_steps={args.steps} trainer.eval_every={args.steps} trainer.log_every=10 "
                    f"trainer.plot_every=0 logger.log_model=false paths.root_dir={tmp}")
             t0 = time.perf_counter()

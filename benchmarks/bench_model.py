@@ -48,10 +48,20 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def count_flops(fn) -> int:
-    with FlopCounterMode(display=False) as counter:
-        fn()
+def count_flops(fn) -> int | None:
+    """FLOPs of one call, or None where the counter cannot follow it (e.g. the double backward of a
+    gradient penalty under ``autograd.grad`` in torch 2.13): MFU is then reported as n/a."""
+    try:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+    except RuntimeError as exc:
+        print(f"  (FLOP counter: {str(exc).splitlines()[0][:90]}; MFU n/a)")
+        return None
     return counter.get_total_flops()
+
+
+def mfu(flops: int | None, seconds: float, peak: float) -> str:
+    return f"{flops / seconds / peak:.1%}" if flops else "n/a"
 
 
 def timed(fn, device, min_seconds: float = 3.0, min_reps: int = 3) -> float:
@@ -99,7 +109,7 @@ def main() -> None:
     t = timed(lambda: gen(energies), device)
     rate = args.batch / t
     print(f"generation: batch {args.batch}: {rate:,.0f} showers/s = {1e3 / rate:.4f} ms/shower; "
-          f"MFU {gen_flops / t / peak_flops:.1%}")
+          f"MFU {mfu(gen_flops, t, peak_flops)}")
 
     # --- training steps (one batch each; the generator steps every critic_steps)
     batches = iter(())
@@ -121,7 +131,7 @@ def main() -> None:
     t = timed(cycle, device)
     rate = n_cycle * data.batch_size / t
     print(f"training: batch {data.batch_size}, {n_cycle} steps/cycle: {rate:,.0f} showers/s, "
-          f"{1e3 * t / n_cycle:.2f} ms/step; MFU {train_flops / t / peak_flops:.1%}")
+          f"{1e3 * t / n_cycle:.2f} ms/step; MFU {mfu(train_flops, t, peak_flops)}")
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     line = f"peak memory: {rss:,.0f} MiB host RSS"
