@@ -22,9 +22,15 @@ ALLOWED_MODULES = ("caloexp.",)
 ALLOWED_KEYS = {"_target_", "_partial_"}
 
 
-def _resolve_class(target: Any, where: str) -> type:
-    if not isinstance(target, str) or not target.startswith(ALLOWED_MODULES) or target.count(".") < 2:
-        raise ConfigError(f"{where}._target_={target!r}: refused (only caloexp classes may be built from a config)")
+def resolve_class(target: Any, where: str, prefixes: tuple[str, ...] = ALLOWED_MODULES,
+                  base: type | tuple[type, ...] = object, owner: str = "caloexp") -> type:
+    """The class named exactly ``<module>.<Class>``, defined under ``prefixes`` and derived from ``base``.
+
+    No attribute walk through other modules and no names a module merely imported (``Path``,
+    ``partial``): anything else is one :class:`ConfigError` line saying it is refused.
+    """
+    if not isinstance(target, str) or not target.startswith(prefixes) or target.count(".") < 2:
+        raise ConfigError(f"{where}._target_={target!r}: refused (only {owner} classes may be built from a config)")
     module, _, name = target.rpartition(".")
     try:
         obj = getattr(importlib.import_module(module), name)
@@ -32,8 +38,11 @@ def _resolve_class(target: Any, where: str) -> type:
         raise ConfigError(f"{where}._target_={target}: no such class") from None
     if not isinstance(obj, type):
         raise ConfigError(f"{where}._target_={target}: refused (not a class)")
-    if not (obj.__module__ or "").startswith(ALLOWED_MODULES):  # a name caloexp merely imported (Path, ...)
-        raise ConfigError(f"{where}._target_={target}: refused (a {obj.__module__} class, not one of caloexp's)")
+    if not (obj.__module__ or "").startswith(prefixes):  # a name the module merely imported
+        raise ConfigError(f"{where}._target_={target}: refused (a {obj.__module__} class, not one of {owner}'s)")
+    if not issubclass(obj, base):
+        names = " or ".join(b.__name__ for b in (base if isinstance(base, tuple) else (base,)))
+        raise ConfigError(f"{where}._target_={target}: refused (not a {names})")
     return obj
 
 
@@ -47,10 +56,7 @@ def check_targets(node: Any, where: str, top: type | None = None) -> None:
             if isinstance(special, str) and special.startswith("_") and special.endswith("_"):
                 raise ConfigError(f"{where}.{special}: refused (only _target_ and _partial_ are allowed)")
         if "_target_" in keys:
-            cls = _resolve_class(dict(items)["_target_"], where)
-            base = top or nn.Module
-            if not issubclass(cls, base):
-                raise ConfigError(f"{where}._target_={cls.__module__}.{cls.__name__}: refused (not a {base.__name__})")
+            resolve_class(dict(items)["_target_"], where, base=top or nn.Module)
         for k, v in items:
             if k != "_target_":
                 check_targets(v, f"{where}.{k}")

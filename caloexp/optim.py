@@ -11,7 +11,6 @@ Optimiser settings are shared by every role and overridden per role (``optimizer
 from __future__ import annotations
 
 import contextlib
-import importlib
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping
 
@@ -20,6 +19,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from caloexp.build import resolve_class
 from caloexp.errors import ConfigError
 from caloexp.runtime import Runtime
 
@@ -36,18 +36,8 @@ SCHEDULER_BASES = (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_schedule
 
 
 def _optim_class(target: str, what: str, base: type | tuple[type, ...]) -> type:
-    """The torch.optim class named ``<module>.<Class>`` exactly (no attribute walk through other modules)."""
-    if not isinstance(target, str) or not target.startswith(ALLOWED_PREFIXES) or target.count(".") < 2:
-        raise ConfigError(f"{what}._target_={target!r}: refused (must be a torch.optim class)")
-    module, _, name = target.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError):
-        raise ConfigError(f"{what}._target_={target}: no such class") from None
-    if not (isinstance(cls, type) and (cls.__module__ or "").startswith(ALLOWED_PREFIXES) and issubclass(cls, base)):
-        kind = "optimizer" if what == "optimizer" else "scheduler"
-        raise ConfigError(f"{what}._target_={target}: refused (not a torch.optim {kind} class)")
-    return cls
+    """The torch.optim class named ``<module>.<Class>`` exactly, of the right kind."""
+    return resolve_class(target, what, ALLOWED_PREFIXES, base, owner="torch.optim")
 
 
 def check_optim_config(optimizer: DictConfig | Mapping | None, scheduler: DictConfig | Mapping | None) -> None:
