@@ -254,6 +254,11 @@ class Tracker:
         log.info("MLflow run %s in experiment '%s' at %s", self.run_id, self.experiment_name, self.tracking_uri)
         return self.run_id
 
+    def ui_link(self) -> str | None:
+        """The link that opens this run's experiment on its runs table (see :func:`ui_url`)."""
+        run = mlflow.active_run()
+        return ui_url(self.tracking_uri, run.info.experiment_id) if run else None
+
     @staticmethod
     def _last_logged_steps(client: MlflowClient, run_id: str) -> dict[str, int]:
         run = client.get_run(run_id)
@@ -426,6 +431,9 @@ def close_dead_runs(client: MlflowClient, experiment_id: str) -> list[str]:
 
 class NullTracker:
     """What ranks other than 0 use: every call does nothing (one MLflow run per training)."""
+
+    def ui_link(self) -> None:
+        return None
 
     run_id: str | None = None
 

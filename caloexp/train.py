@@ -293,9 +293,9 @@ def train(cfg: DictConfig) -> float:
                 tracker.log_generator(state_for_export(model, transform, optim, spec))
         status = "FINISHED"
         if rt.is_main:
-            log.info("finished at step %d; best %s = %.4g; run %s in %s\n  open: mlflow ui --backend-store-uri %s\n"
-                     "  generate: python -m caloexp.generate source=%s", state.step, monitor, state.best,
-                     tracker.run_id, run_dir, cfg.logger.tracking_uri, tracker.run_id)
+            log.info("finished at step %d; best %s = %.4g; run %s in %s\n  open: mlflow ui --backend-store-uri %s"
+                     "  then %s\n  generate: python -m caloexp.generate source=%s", state.step, monitor, state.best,
+                     tracker.run_id, run_dir, cfg.logger.tracking_uri, tracker.ui_link(), tracker.run_id)
         return float(state.best)
     except Interrupted:
         status = "KILLED"

@@ -135,7 +135,8 @@ class DataModule:
         """The files as they are when streaming, else their first ``max_events`` rows in memory."""
         files = self.open_files()
         if len(files) == 0:
-            raise InputError(f"data={self.name}: the files hold no events")
+            names = ", ".join(str(p) for p in (getattr(files, "paths", None) or [])) or self.name
+            raise InputError(f"{names}: holds no events (data={self.name})")
         if self.streaming:
             return files
         n = len(files) if self.max_events is None else min(len(files), int(self.max_events))
