@@ -168,7 +168,11 @@ def train(cfg: DictConfig) -> float:
     rt = runtime.setup(str(tc.device), str(tc.precision), str(tc.strategy), tc.num_threads, bool(tc.deterministic),
                        int(cfg.seed))
 
-    data: DataModule = instantiate(cfg.data, "data", DataModule).setup(rt.rank, rt.world_size)
+    data: DataModule = instantiate(cfg.data, "data", DataModule)
+    if rt.is_main:
+        data.prepare_data()      # download / generate once, before any rank reads
+    rt.barrier()
+    data.setup(rt.rank, rt.world_size)
     model: GenerativeModel = instantiate(cfg.model, "model", GenerativeModel, data_shape=data.data_shape,
                                          cond_dim=data.cond_dim)
     transform = data.fit_transform(model.output_range, rt.device)

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -31,13 +32,25 @@ def netns_available() -> bool:
     return r.returncode == 0
 
 
+# A rank has, rarely (1 of 5 runs seen, under load, at start-up), died with a C++ std::terminate inside
+# torch's c10d/gloo before the first step; the cause is not found yet (see the project notes). The run
+# is then repeated once, with a warning, so the test still checks sync, one MLflow run and bit-exact
+# resume; any other failure, or a second abort, fails the test.
+ABORT = "terminate called without an active exception"
+
+
 def torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
                MLFLOW_TRACKING_URI=f"sqlite:///{cwd}/mlflow.db")
     cmd = (f"ip link set lo up && exec {sys.executable} -m torch.distributed.run --nproc_per_node=2 "
            f"--master_addr=127.0.0.1 --master_port=29512 -m caloexp.train " + " ".join(f"'{a}'" for a in args))
-    return subprocess.run(["unshare", "--net", "bash", "-c", cmd], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=900)
+    for attempt in (1, 2):
+        proc = subprocess.run(["unshare", "--net", "bash", "-c", cmd], cwd=cwd, env=env, capture_output=True,
+                              text=True, timeout=900)
+        if proc.returncode == 0 or ABORT not in proc.stderr or attempt == 2:
+            return proc
+        warnings.warn(f"torchrun rank aborted at start-up ({ABORT}); repeating once:\n{proc.stderr[-1500:]}")
+    return proc
 
 
 @pytest.mark.skipif(not netns_available(), reason="needs unshare --net (root or user namespaces) to isolate torchrun")
@@ -51,6 +64,7 @@ def test_two_processes_train_in_sync_and_resume_bit_exactly(tmp_path):
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("caloexp").experiment_id])
+    runs = [r for r in runs if r.info.status != "KILLED"]  # (a repeated aborted start leaves a KILLED run)
     assert len(runs) == 2                                   # one run per training, written by rank 0 only
     for run in runs:
         assert run.info.status == "FINISHED"

@@ -131,6 +131,9 @@ class DataModule:
         """The rows of the dataset on disk (files made available first), read on demand."""
         raise NotImplementedError
 
+    def prepare_data(self) -> None:
+        """Make the files available (download, generate); run once, by rank 0, before every rank's setup."""
+
     def open_source(self) -> Source:
         """The files as they are when streaming, else their first ``max_events`` rows in memory."""
         files = self.open_files()

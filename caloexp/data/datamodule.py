@@ -97,6 +97,9 @@ class ShowerDataModule(DataModule):
             paths.append(p)
         return paths
 
+    def prepare_data(self) -> None:
+        self.prepare()
+
     def open_files(self) -> Source:
         self.paths = self.prepare()
         return ShowerFiles(self.paths, self.geometry)
