@@ -126,11 +126,6 @@ def from_state(state: Mapping[str, Any], device: str | torch.device = "cpu", ema
     return gen.to(device).eval(), dict(spec)
 
 
-def load_state(source: str, tracking_uri: str | None = None) -> dict[str, Any]:
-    """A checkpoint (file, run dir) or an MLflow run's logged generator, loaded weights-only."""
-    return _load_state(source, tracking_uri)[0]
-
-
 @contextmanager
 def _quiet_downloads() -> Iterator[None]:
     """No MLflow progress bar on stderr: an error stays the one line the user reads."""

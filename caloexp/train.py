@@ -101,7 +101,7 @@ def evaluate(cfg: DictConfig, gen: sampling.EventGenerator, data: DataModule, st
     fake = sampling.generate(gen, reference.cond, seed=cfg.seed + step)
     try:
         sampling.check_finite(fake, f"step {step}")
-    except Exception as exc:  # noqa: BLE001 - reported as divergence
+    except InputError as exc:  # non-finite generated events: the model diverged
         raise TrainingDiverged(f"{exc} (training diverged: lower the learning rate)") from None
     tc = cfg.trainer
     classifier = OmegaConf.to_container(tc.classifier, resolve=True) if tc.classifier else None

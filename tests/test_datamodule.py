@@ -100,3 +100,12 @@ def test_bad_data_settings_and_files(grid_file, tmp_path):
         g["ECAL"], g["energy"] = x, f["energy"][:]
     with pytest.raises(InputError, match=r"bad.h5: 'ECAL' contains NaN/inf \(first at row 600\)"):
         module(bad)
+
+
+def test_an_empty_file_is_named(tmp_path):
+    empty = tmp_path / "empty.h5"
+    with h5py.File(empty, "w") as f:
+        f["ECAL"] = np.zeros((0, 4, 5, 6), np.float32)
+        f["energy"] = np.zeros(0, np.float32)
+    with pytest.raises(InputError, match=r"empty.h5: holds no events"):
+        module(empty)

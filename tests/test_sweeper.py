@@ -172,17 +172,22 @@ def test_resume_skips_finished_trials_and_does_not_repeat_the_seeded_startup(tmp
     assert len(set(xs)) == 7, f"a resumed seeded sampler repeated startup points: {xs}"
 
 
-def test_trial_of_a_killed_worker_is_abandoned_and_rerun(tmp_path):
-    proc = subprocess.Popen(toy_cmd(tmp_path, "hydra.sweeper.n_trials=3", "sleep=30"), cwd=tmp_path,
-                            env=toy_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def kill_worker_in_first_trial(tmp_path, timeout: float, *args: str) -> None:
+    """Start a toy sweep worker, wait until its first trial runs, then kill -9 it."""
+    proc = subprocess.Popen(toy_cmd(tmp_path, *args), cwd=tmp_path, env=toy_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 60
+        deadline = time.time() + timeout
         while not records(tmp_path) and time.time() < deadline:
             time.sleep(0.2)
         assert records(tmp_path), "the first trial never started"
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+
+
+def test_trial_of_a_killed_worker_is_abandoned_and_rerun(tmp_path):
+    kill_worker_in_first_trial(tmp_path, 60, "hydra.sweeper.n_trials=3", "sleep=30")
     killed_x = records(tmp_path)[0]["x"]
     assert [t.state for t in load(tmp_path).trials] == [TrialState.RUNNING]
     run_toy(tmp_path, "hydra.sweeper.n_trials=3")
@@ -338,16 +343,7 @@ def test_killed_workers_mlflow_run_is_closed_and_retries_are_reported_apart(tmp_
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow_args = (f"logger.tracking_uri={uri}", "logger.experiment_name=toy_kill")
-    proc = subprocess.Popen(toy_cmd(tmp_path, "hydra.sweeper.n_trials=2", "sleep=60", *mlflow_args), cwd=tmp_path,
-                            env=toy_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 120
-        while not records(tmp_path) and time.time() < deadline:
-            time.sleep(0.2)
-        assert records(tmp_path), "the first trial never started"
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    kill_worker_in_first_trial(tmp_path, 120, "hydra.sweeper.n_trials=2", "sleep=60", *mlflow_args)
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("toy_kill")
     (orphan,) = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("optuna_trial") == "0"]

@@ -43,6 +43,11 @@ def make_activation(name: str) -> nn.Module:
     return ACTIVATIONS[name]()
 
 
+def _with_cond(h: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+    """Flat features with the condition vector appended (unchanged when there is none)."""
+    return torch.cat([h, cond.to(h.dtype)], dim=1) if cond is not None and cond.shape[1] else h
+
+
 def _shape(s: int | Sequence[int]) -> tuple[int, ...]:
     return (int(s),) if isinstance(s, int) else tuple(int(d) for d in s)
 
@@ -87,10 +92,7 @@ class MLP(nn.Module):
         return OUTPUT_RANGES.get(self.out_activation)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        h = x.reshape(len(x), -1)
-        if cond is not None and cond.shape[1]:
-            h = torch.cat([h, cond.to(h.dtype)], dim=1)
-        return self.net(h).reshape(len(x), *self.out_shape)
+        return self.net(_with_cond(x.reshape(len(x), -1), cond)).reshape(len(x), *self.out_shape)
 
 
 def _spatial(shape: tuple[int, ...], dims: int | None) -> tuple[int, tuple[int, ...], int]:
@@ -153,10 +155,7 @@ class ConvGenerator(nn.Module):
         return OUTPUT_RANGES.get(self.out_activation)
 
     def forward(self, z: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        h = z.reshape(len(z), -1)
-        if cond is not None and cond.shape[1]:
-            h = torch.cat([h, cond.to(h.dtype)], dim=1)
-        y = self.body(self.fc(h).reshape(len(z), self.chans0, *self.base))
+        y = self.body(self.fc(_with_cond(z.reshape(len(z), -1), cond)).reshape(len(z), self.chans0, *self.base))
         crop = [slice(None), slice(None)] + [slice((g - s) // 2, (g - s) // 2 + s) for g, s in zip(y.shape[2:], self.size)]
         return y[tuple(crop)].reshape(len(z), *self.out_shape)
 
@@ -185,6 +184,4 @@ class ConvCritic(nn.Module):
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         h = self.body(x.reshape(len(x), self.channels_in, *x.shape[-self.dims:])).reshape(len(x), -1)
-        if cond is not None and cond.shape[1]:
-            h = torch.cat([h, cond.to(h.dtype)], dim=1)
-        return self.head(h).reshape(len(x), *self.out_shape)
+        return self.head(_with_cond(h, cond)).reshape(len(x), *self.out_shape)
