@@ -296,6 +296,7 @@ def train(cfg: DictConfig) -> float:
             with optim.ema_weights():
                 tracker.log_generator(state_for_export(model, transform, optim, spec))
         status = "FINISHED"
+        rt.barrier()   # every rank leaves together: none tears the process group down under another's feet
         if rt.is_main:
             log.info("finished at step %d; best %s = %.4g; run %s in %s\n  open: mlflow ui --backend-store-uri %s"
                      "  then %s\n  generate: python -m caloexp.generate source=%s", state.step, monitor, state.best,
