@@ -184,7 +184,7 @@ def train(cfg: DictConfig) -> float:
     monitor = str(tc.monitor)
     if rt.is_main:
         check_monitor(cfg, gen, data, monitor)
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    model_cfg = model.spec_config(OmegaConf.to_container(cfg.model, resolve=True))
     spec = sampling.spec_of(model_cfg, data.data_shape, data.cond_dim, transform, data.kind, data.writer_spec(),
                             data.describe())
     state = State()

@@ -11,7 +11,7 @@ from torch import nn
 
 from caloexp.data.sample import Batch
 from caloexp.data.transforms import Transform
-from caloexp.models.cfm import CFM, VelocityNet, integrate
+from caloexp.models.cfm import CFM, Reflow, VelocityNet, integrate
 from caloexp.optim import Optim
 from caloexp.runtime import Runtime
 
@@ -49,6 +49,30 @@ def test_flow_matching_recovers_a_gaussian_mixture():
     assert w(gen, ref) < 0.15 and w(gen, ref) < 0.1 * w(prior, ref)
 
 
+def test_reflow_student_does_in_one_step_what_its_teacher_needs_many_for():
+    torch.manual_seed(0)
+    teacher = CFM((2,), 0, net=functools.partial(VelocityNet, width=64, n_blocks=2, emb=32), steps=6)
+    teacher.rng = torch.Generator().manual_seed(0)
+    opt = Optim(teacher, {"_target_": "torch.optim.Adam", "lr": 3e-3}, None, Runtime(torch.device("cpu")))
+    rng = np.random.default_rng(0)
+    for step in range(400):
+        teacher.training_step(Batch(torch.as_tensor(mixture(128, rng)), torch.zeros(128, 0)), step, opt)
+    student = Reflow((2,), 0, teacher=teacher, steps=1, ema={"flow": 0.99})
+    assert student.teacher_sampler == {"steps": 6, "solver": "midpoint"}
+    for a, b in zip(student.parameters(), teacher.parameters()):   # starts from the teacher
+        assert torch.equal(a, b) and a is not b
+    assert not any(k.startswith("teacher") for k in student.state_dict())
+    student.rng = torch.Generator().manual_seed(1)
+    opt = Optim(student, {"_target_": "torch.optim.Adam", "lr": 1e-3}, None, Runtime(torch.device("cpu")))
+    for step in range(150):
+        student.training_step(Batch(torch.zeros(128, 2), torch.zeros(128, 0)), step, opt)
+    z, c = torch.randn(4000, 2, generator=torch.Generator().manual_seed(5)), torch.zeros(4000, 0)
+    target = integrate(teacher.flow, z, c, 6, "midpoint")
+    err_teacher = ((integrate(teacher.flow, z, c, 1, "euler") - target) ** 2).mean().item()
+    err_student = ((integrate(student.flow, z, c, 1, "euler") - target) ** 2).mean().item()
+    assert err_student < 0.2 * err_teacher, (err_student, err_teacher)
+
+
 class Linear(nn.Module):
     """dx/dt = a x: x(1) = x(0) e^a exactly."""
 
@@ -62,6 +86,32 @@ def test_solver_error_falls_with_its_order(solver, order):
     exact = np.exp(0.8)
     err = [abs(integrate(Linear(), x0, x0[:, :0], n, solver).item() - exact) for n in (8, 16)]
     assert err[0] / err[1] == pytest.approx(2 ** order, rel=0.15)
+
+
+class Counting(nn.Module):
+    """dx/dt = 0.8 x + sin(6 t), counting its evaluations."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x, t, c):
+        self.calls += 1
+        return 0.8 * x + torch.sin(6 * t)[:, None]
+
+
+def test_adaptive_solver_meets_its_tolerance_with_more_evaluations_when_tighter():
+    x0 = torch.ones(3, 1, dtype=torch.float64)
+    fine = integrate(Counting(), x0, x0[:, :0], 4000, "rk4")          # reference solution
+    calls = []
+    for tol in (1e-3, 1e-7):
+        net = Counting()
+        out = integrate(net, x0, x0[:, :0], 1, "dopri5", rtol=tol, atol=tol)
+        assert (out - fine).abs().max().item() < 20 * tol
+        calls.append(net.calls)
+    assert calls[1] > 2 * calls[0]
+    with pytest.raises(Exception, match="rtol=0"):
+        integrate(Counting(), x0, x0[:, :0], 1, "dopri5", rtol=0)
 
 
 class Const(nn.Module):
@@ -130,6 +180,28 @@ def test_threshold_aware_layer_energies_keep_visible_layer_energies():
         assert ((block == 0) | (block >= thr * (1 - 1e-5))).all()
 
 
+def test_dequantised_layer_energies_spread_empty_voxels_and_invert_exactly():
+    e, s = random_showers(300)
+    layers, thr = [8, 160, 190, 5, 5], 5.0
+    step = {"step": "layer_energies", "layers": layers, "threshold": thr, "dequantise": 0.5}
+    t = Transform((368,), [step], {"energy": "log_scale"})
+    cut = np.where(s < thr, 0, s)
+    y = t.to_network(s, {"energy": e})
+    np.testing.assert_allclose(t.to_physical(y, {"energy": e}), cut, rtol=1e-5, atol=1e-6 * s.max())
+    # empty voxels are no longer one spike: spread over log((U(0, 0.5 thr) + 0.1 thr) / max(E_l, thr))
+    layer_e = np.add.reduceat(cut, np.cumsum([0] + layers[:-1]), axis=1)
+    den = np.maximum(np.repeat(layer_e, layers, axis=1), thr)
+    empty = cut == 0
+    u = (np.exp(y[:, 5:]) * den - 0.1 * thr)[empty] / (0.5 * thr)
+    assert u.min() >= -1e-6 and u.max() <= 1 + 1e-6 and abs(u.mean() - 0.5) < 0.01 and abs(u.std() - 12 ** -0.5) < 0.01
+    assert len(np.unique(np.round(u, 6))) > 0.9 * empty.sum()
+    # the noise belongs to the shower: the same in any chunking and order
+    part = t.to_network(s[::-1][:100].copy(), {"energy": e[::-1][:100].copy()})
+    np.testing.assert_array_equal(part, y[::-1][:100])
+    with pytest.raises(Exception, match="dequantise=0.5 .* needs threshold > 0"):
+        Transform((368,), [dict(step, threshold=0.0)], {"energy": "log_scale"})
+
+
 @pytest.mark.slow
 def test_cfm_trains_resumes_and_generates_with_sampler_options(tmp_path):
     args = ["caloexp.train", "model=cfm", "data.n_showers=1500", "data.batch_size=64", "data.eval_events=300",
@@ -142,7 +214,7 @@ def test_cfm_trains_resumes_and_generates_with_sampler_options(tmp_path):
         for x, y in zip(sa["optim"]["ema"][role]["shadow"], sb["optim"]["ema"][role]["shadow"]):
             assert torch.equal(x, y)
     outs = {}
-    for name, opts in (("mid", "{steps: 4}"), ("euler", "{steps: 2, solver: euler}")):
+    for name, opts in (("mid", "{steps: 4}"), ("adaptive", "{solver: dopri5, rtol: 0.01, atol: 0.01}")):
         out = tmp_path / f"gen_{name}.hdf5"
         g = run_cli(["caloexp.generate", f"source={tmp_path}/A", "n_showers=200", f"output={out}",
                      f"sampler={opts}"], cwd=tmp_path)
@@ -150,7 +222,25 @@ def test_cfm_trains_resumes_and_generates_with_sampler_options(tmp_path):
         from caloexp.data import calochallenge
         outs[name] = calochallenge.read(out)
         assert outs[name].showers.shape == (200, 368) and (outs[name].showers >= 0).all()
-    assert not np.array_equal(outs["mid"].showers, outs["euler"].showers)   # the options reached the sampler
+    assert not np.array_equal(outs["mid"].showers, outs["adaptive"].showers)   # the options reached the sampler
     bad = run_cli(["caloexp.generate", f"source={tmp_path}/A", "n_showers=10", "sampler={solver: heun}"],
                   cwd=tmp_path)
     assert bad.returncode == 2 and "solver='heun'" in bad.stderr
+
+    # a one-step reflow student of run A; its generator is a plain CFM that no longer needs A
+    r = run_cli(["caloexp.train", "model=reflow", f"model.teacher={tmp_path}/A", "model.teacher_sampler={steps: 2}",
+                 "data.n_showers=1500", "data.batch_size=64", "data.eval_events=300", "trainer.max_steps=3",
+                 "trainer.eval_every=3", "trainer.plot_every=0", "trainer.num_threads=1", f"hydra.run.dir={tmp_path}/R"],
+                cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    spec = torch.load(tmp_path / "R/checkpoints/last.ckpt", weights_only=True)["spec"]["model"]
+    assert spec["_target_"] == "caloexp.models.cfm.CFM" and spec["steps"] == 1 and spec["solver"] == "euler"
+    import shutil
+    shutil.rmtree(tmp_path / "A")
+    out = tmp_path / "gen_reflow.hdf5"
+    g = run_cli(["caloexp.generate", f"source={tmp_path}/R", "n_showers=100", f"output={out}"], cwd=tmp_path)
+    assert g.returncode == 0, g.stderr[-3000:]
+    assert calochallenge.read(out).showers.shape == (100, 368)
+    bad = run_cli(["caloexp.train", "model=reflow", f"model.teacher={tmp_path}/A", "trainer.max_steps=3"],
+                  cwd=tmp_path)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "model.teacher" in bad.stderr

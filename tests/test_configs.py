@@ -41,7 +41,8 @@ def test_groups_have_the_expected_options():
 
 
 @pytest.mark.parametrize("model, optimizer, scheduler",
-                         list(itertools.product(options("model"), options("optimizer"), options("scheduler"))))
+                         list(itertools.product([m for m in options("model") if m != "reflow"],  # needs a teacher
+                                                options("optimizer"), options("scheduler"))))   # run: test_cfm
 def test_model_optimizer_scheduler_build(model, optimizer, scheduler, tmp_path):
     cfg = compose_cfg([f"model={model}", f"optimizer={optimizer}", f"scheduler={scheduler}"], tmp_path)
     shape = {"wgangp_conv": (6, 12, 12), "cfm": (373,)}.get(model, (368,))   # conv: a grid; cfm: layer features

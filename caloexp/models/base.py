@@ -59,6 +59,11 @@ class GenerativeModel(nn.Module):
     def sampler(self) -> nn.Module:
         raise NotImplementedError
 
+    def spec_config(self, cfg: dict[str, Any]) -> dict[str, Any]:
+        """The model config a checkpoint stores to rebuild this model for sampling; a family drops
+        what only training needs (e.g. a distillation teacher)."""
+        return cfg
+
     @property
     def output_range(self) -> tuple[float, float] | None:
         """Value range of generated data (None: unbounded); the data transform maps data onto it."""

@@ -3,7 +3,12 @@
 Objective: with data x, noise z ~ N(0, I) and t ~ U(0, 1), x_t = (1 - t) z + t x and the net
 regresses the constant velocity of the straight path: L = E |v(x_t, t, c) - (x - z)|^2
 (Lipman et al. 2023; Liu et al. 2023). Sampling integrates dx/dt = v from t = 0 (noise) to 1 (data)
-with a fixed-step solver (``euler``, ``midpoint``, ``rk4``; ``steps`` per solve) on EMA weights.
+with a fixed-step solver (``euler``, ``midpoint``, ``rk4``; ``steps`` per solve) or the adaptive
+Dormand-Prince solver of torchdiffeq (``dopri5``; tolerances ``rtol``/``atol``) on EMA weights.
+
+Few-step generation (:class:`Reflow`): a student initialised from a trained CFM learns the straight
+map from each noise draw to the teacher's sample of it (reflow, Liu et al. 2023), so one or two
+Euler steps give what the teacher needs ten evaluations for; its checkpoint is a plain CFM.
 
 Two-stage (CaloDREAM-style, ``energy_dims: L``): the first L network features (the layer-energy
 features of the ``layer_energies`` transform) get their own small flow conditioned on the incident
@@ -13,6 +18,7 @@ separately in one run.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -22,7 +28,7 @@ from torch import nn
 from caloexp.errors import ConfigError
 from caloexp.models.base import GenerativeModel
 
-SOLVERS = ("euler", "midpoint", "rk4")
+SOLVERS = ("euler", "midpoint", "rk4", "dopri5")
 
 
 class TimeEmbedding(nn.Module):
@@ -77,20 +83,35 @@ class VelocityNet(nn.Module):
         return self.out(h)
 
 
-def flow_matching_loss(net: nn.Module, x: torch.Tensor, c: torch.Tensor, rng: torch.Generator | None) -> torch.Tensor:
-    z = torch.randn(x.shape, generator=rng, device=x.device, dtype=x.dtype)
+def flow_matching_loss(net: nn.Module, x: torch.Tensor, c: torch.Tensor, rng: torch.Generator | None,
+                       z: torch.Tensor | None = None) -> torch.Tensor:
+    """The rectified-flow regression; ``z`` pairs each x with its own noise (reflow), else fresh noise."""
+    if z is None:
+        z = torch.randn(x.shape, generator=rng, device=x.device, dtype=x.dtype)
     t = torch.rand(len(x), generator=rng, device=x.device, dtype=x.dtype)
     xt = (1 - t[:, None]) * z + t[:, None] * x
     return ((net(xt, t, c) - (x - z)) ** 2).mean()
 
 
 @torch.no_grad()
-def integrate(net: nn.Module, x: torch.Tensor, c: torch.Tensor, steps: int, solver: str) -> torch.Tensor:
-    """Solve dx/dt = net(x, t, c) from t = 0 to 1 with ``steps`` fixed steps."""
+def integrate(net: nn.Module, x: torch.Tensor, c: torch.Tensor, steps: int, solver: str,
+              rtol: float = 1e-4, atol: float = 1e-4) -> torch.Tensor:
+    """Solve dx/dt = net(x, t, c) from t = 0 to 1: ``steps`` fixed steps, or adaptively (``dopri5``)
+    to the tolerances ``rtol``/``atol`` (``steps`` is then ignored)."""
     if solver not in SOLVERS:
         raise ConfigError(f"sampler solver={solver!r}: choose one of {list(SOLVERS)}")
     if int(steps) < 1:
         raise ConfigError(f"sampler steps={steps}: must be >= 1")
+    if solver == "dopri5":
+        if not (rtol > 0 and atol > 0):
+            raise ConfigError(f"sampler rtol={rtol}, atol={atol}: must be > 0")
+        import torchdiffeq
+
+        def velocity(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return net(y, t.expand(len(y)), c)
+
+        t = torch.tensor([0.0, 1.0], device=x.device, dtype=x.dtype)
+        return torchdiffeq.odeint(velocity, x, t, rtol=float(rtol), atol=float(atol), method="dopri5")[-1]
     h = 1.0 / int(steps)
     for i in range(int(steps)):
         t = torch.full((len(x),), i * h, device=x.device, dtype=x.dtype)
@@ -115,18 +136,20 @@ class FlowSampler(nn.Module):
         self.model = model
 
     def sample(self, cond: torch.Tensor, rng: torch.Generator | None = None, steps: int | None = None,
-               solver: str | None = None, energy_steps: int | None = None) -> torch.Tensor:
+               solver: str | None = None, energy_steps: int | None = None, rtol: float = 1e-4,
+               atol: float = 1e-4) -> torch.Tensor:
         m = self.model
         steps, solver = int(steps or m.steps), str(solver or m.solver)
+        solve = functools.partial(integrate, solver=solver, rtol=rtol, atol=atol)
         n, L = len(cond), m.energy_dims
 
         def noise(d: int) -> torch.Tensor:
             return torch.randn(n, d, generator=rng, device=cond.device, dtype=cond.dtype)
 
         if not L:
-            return integrate(m.flow, noise(m.data_dim), cond, steps, solver).reshape(n, *m.data_shape)
-        f = integrate(m.energy, noise(L), cond, int(energy_steps or steps), solver)
-        g = integrate(m.shape, noise(m.data_dim - L), torch.cat([cond, f], 1), steps, solver)
+            return solve(m.flow, noise(m.data_dim), cond, steps).reshape(n, *m.data_shape)
+        f = solve(m.energy, noise(L), cond, int(energy_steps or steps))
+        g = solve(m.shape, noise(m.data_dim - L), torch.cat([cond, f], 1), steps)
         return torch.cat([f, g], 1).reshape(n, *m.data_shape)
 
 
@@ -163,3 +186,81 @@ class CFM(GenerativeModel):
 
     def sampler(self) -> nn.Module:
         return FlowSampler(self)
+
+
+class Reflow(CFM):
+    """Few-step student of a trained CFM (reflow / rectified-flow distillation).
+
+    ``teacher``: a run id, checkpoint or run directory of a ``CFM`` run (or a CFM object). The student
+    gets the teacher's architecture and (EMA) weights, then regresses the straight path from noise z to
+    the teacher's sample x(z) at the batch's conditions: L = E |v(x_t, t, c) - (x(z) - z)|^2. Both stages
+    are distilled; the shape stage sees the teacher's generated energy features, as at sampling. The
+    data config must be the teacher's (the conditions are checked at the first step). The checkpoint's
+    spec is the teacher's CFM with this model's ``steps``/``solver``: generation does not need the teacher.
+    """
+
+    def __init__(self, data_shape: tuple[int, ...], cond_dim: int, teacher: Any, teacher_sampler: dict | None = None,
+                 tracking_uri: str | None = None, steps: int = 1, solver: str = "euler",
+                 ema: dict[str, float] | None = None):
+        import copy
+
+        if isinstance(teacher, CFM):
+            t_model, t_cfg, t_transform = teacher, None, None
+        else:
+            from caloexp import sampling
+            from caloexp.errors import InputError
+
+            try:
+                gen, spec = sampling.load(str(teacher), tracking_uri)
+            except InputError as exc:
+                raise ConfigError(f"model.teacher: {exc}") from None
+            t_model, t_cfg, t_transform = gen.sampler.model, dict(spec["model"]), gen.transform
+            if not isinstance(t_model, CFM) or tuple(spec["data_shape"]) != tuple(data_shape) or \
+                    int(spec["cond_dim"]) != int(cond_dim):
+                raise ConfigError(f"model.teacher={teacher}: a {type(t_model).__name__} for data {spec['data_shape']} "
+                                  f"with {spec['cond_dim']} condition inputs; this data is {list(data_shape)} with "
+                                  f"{cond_dim} (distil a CFM with the teacher's data config)")
+        nets = {"energy": getattr(t_model, "energy", None), "shape": getattr(t_model, "shape", None),
+                "flow": getattr(t_model, "flow", None)}
+        shape_net = nets["shape"] if t_model.energy_dims else nets["flow"]
+        super().__init__(data_shape, cond_dim, net=lambda **_: copy.deepcopy(shape_net),
+                         energy_net=(lambda **_: copy.deepcopy(nets["energy"])) if t_model.energy_dims else None,
+                         energy_dims=t_model.energy_dims, steps=steps, solver=solver, ema=ema)
+        t_model = copy.deepcopy(t_model).eval().requires_grad_(False)
+        self.__dict__["teacher"] = t_model            # not a submodule: never saved, never optimised
+        self.__dict__["teacher_transform"] = t_transform
+        self.teacher_sampler = {"steps": t_model.steps, "solver": t_model.solver, **(teacher_sampler or {})}
+        self._teacher_cfg = t_cfg
+
+    def spec_config(self, cfg: dict[str, Any]) -> dict[str, Any]:
+        if self._teacher_cfg is None:
+            raise ConfigError("model.teacher: give a run id, checkpoint or run directory to store a rebuildable spec")
+        return {**self._teacher_cfg, "steps": self.steps, "solver": self.solver, "ema": dict(self.ema)}
+
+    def _check_conditions(self, batch) -> None:
+        """The teacher must see the conditions encoded as it was trained (same data config)."""
+        tt, self.__dict__["teacher_transform"] = self.teacher_transform, None
+        if tt is None or not batch.raw:
+            return
+        want = tt.to(batch.cond.device).condition(batch.raw).to(batch.cond.dtype)
+        if want.shape != batch.cond.shape or not torch.allclose(want, batch.cond, atol=1e-5):
+            raise ConfigError("model.teacher: this data encodes its conditions differently from the teacher's run "
+                              "(distil with the teacher's data config)")
+
+    def losses(self, batch, step: int):
+        self._check_conditions(batch)
+        t = self.teacher.to(batch.cond.device)
+        n, L, c = len(batch.cond), self.energy_dims, batch.cond
+        opts = dict(self.teacher_sampler)
+        steps, solver = int(opts.pop("steps")), str(opts.pop("solver"))
+
+        def pair(net: nn.Module, teacher_net: nn.Module, d: int, cond: torch.Tensor):
+            z = torch.randn(n, d, generator=self.rng, device=c.device, dtype=c.dtype)
+            x = integrate(teacher_net, z, cond, steps, solver, **opts)
+            return flow_matching_loss(net, x, cond, self.rng, z=z), x
+
+        if not L:
+            return {"flow": pair(self.flow, t.flow, self.data_dim, c)[0]}, {}
+        loss_e, f = pair(self.energy, t.energy, L, c)
+        loss_s, _ = pair(self.shape, t.shape, self.data_dim - L, torch.cat([c, f], 1))
+        return {"energy": loss_e, "shape": loss_s}, {}
