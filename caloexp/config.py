@@ -22,6 +22,7 @@ from caloexp.errors import ConfigError
 class TrainerConfig:
     max_steps: Optional[int] = 4000
     max_epochs: Optional[int] = None
+    max_time: Optional[float] = None
     device: str = "auto"
     precision: str = "32"
     strategy: str = "auto"
@@ -39,8 +40,10 @@ class TrainerConfig:
 
 def validate_trainer(tc: Any) -> None:
     """Ranges and cross-field rules of ``trainer.*`` (types are checked by the schema)."""
-    if tc.max_steps is None and tc.max_epochs is None:
-        raise ConfigError("set trainer.max_steps or trainer.max_epochs: training needs an end")
+    if tc.max_steps is None and tc.max_epochs is None and tc.get("max_time") is None:
+        raise ConfigError("set trainer.max_steps, trainer.max_epochs or trainer.max_time: training needs an end")
+    if tc.get("max_time") is not None and not tc.max_time > 0:
+        raise ConfigError(f"trainer.max_time={tc.max_time}: must be > 0 minutes (or null)")
     for key in ("max_steps", "max_epochs"):
         value = tc.get(key)
         if value is not None and value < 1:

@@ -53,6 +53,7 @@ class State:
     batch: int = 0  # next batch index within the epoch
     evals: int = 0
     best: float = math.inf
+    seconds: float = 0.0  # training wall time so far (for trainer.max_time)
 
 
 # ---------------------------------------------------------------- resuming
@@ -218,7 +219,8 @@ def train(cfg: DictConfig) -> float:
 
     def done() -> bool:
         return (tc.max_steps is not None and state.step >= tc.max_steps) or \
-               (tc.max_epochs is not None and state.epoch >= tc.max_epochs)
+               (tc.max_epochs is not None and state.epoch >= tc.max_epochs) or \
+               (tc.get("max_time") is not None and state.seconds >= 60 * tc.max_time)
 
     def run_evaluation(final: bool) -> float | None:
         state.evals += 1
@@ -249,6 +251,7 @@ def train(cfg: DictConfig) -> float:
 
         progress = Progress(total=tc.max_steps, start=state.step, enabled=rt.is_main)
         t_last, steps_last = time.perf_counter(), state.step
+        t_start, seconds0 = t_last, state.seconds
         last_eval_step, last_ckpt_step = -1, state.step if ckpt else -1
         with _StopFlag() as stop, progress:
             while not done():
@@ -256,6 +259,8 @@ def train(cfg: DictConfig) -> float:
                     logs = model.training_step(batch, state.step, optim)
                     optim.scheduler_step()
                     state.step += 1
+                    state.seconds = rt.broadcast_object(seconds0 + time.perf_counter() - t_start) \
+                        if tc.get("max_time") is not None else seconds0 + time.perf_counter() - t_start
                     state.batch += 1
                     if state.batch >= data.steps_per_epoch:
                         state.epoch, state.batch = state.epoch + 1, 0

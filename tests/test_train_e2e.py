@@ -136,3 +136,18 @@ def test_generate_at_energies_of_a_reference_file(runs, project):
                  f"output={out}"], cwd=project)
     assert r.returncode == 0, r.stderr[-3000:]
     np.testing.assert_array_equal(calochallenge.read(out).energies, e)
+
+
+def test_max_time_ends_a_run_by_wall_time_and_counts_it_across_resumes(tmp_path):
+    args = ["caloexp.train", "+experiment=smoke", "trainer.max_steps=null", "trainer.eval_every=100000",
+            "trainer.checkpoint_every=100000", "trainer.plot_every=0", "data.n_showers=600", "data.eval_events=100"]
+    a = run_cli(args + ["trainer.max_time=0.05", f"hydra.run.dir={tmp_path}/T"], cwd=tmp_path)
+    assert a.returncode == 0, a.stderr[-3000:]
+    s1 = torch.load(tmp_path / "T/checkpoints/last.ckpt", weights_only=True)["state"]
+    assert 3.0 <= s1["seconds"] < 60 and s1["step"] > 0
+    b = run_cli(["caloexp.train", f"resume={tmp_path}/T", "trainer.max_time=0.1"], cwd=tmp_path)
+    assert b.returncode == 0, b.stderr[-3000:]
+    s2 = torch.load(tmp_path / "T/checkpoints/last.ckpt", weights_only=True)["state"]
+    assert 6.0 <= s2["seconds"] < 60 and s2["step"] > s1["step"]
+    bad = run_cli(args + ["trainer.max_time=-1"], cwd=tmp_path)
+    assert bad.returncode == 2 and "trainer.max_time=-1" in bad.stderr
