@@ -102,8 +102,8 @@ def _family(run) -> str:
     return target.rsplit(".", 1)[-1] if target else "-"
 
 
-def _benchmark(run, parent: Any | None) -> str:
-    dataset = (parent or run).data.tags.get("caloexp.dataset")
+def _benchmark(run) -> str:
+    dataset = run.data.tags.get("caloexp.dataset")
     if dataset is None:  # a stand-alone evaluation: its reference file decides
         return f"file: {Path(run.data.params.get('reference', '?')).name}"
     return "embedded (caloexp simulator)" if dataset.startswith("embedded") else f"real: {dataset}"
@@ -116,7 +116,7 @@ def _is_finite(v: Any) -> bool:
 def run_row(run, evaluations: list[Any], timings: list[Any]) -> Row:
     """One row: each metric from the newest evaluation having it, else from the run; the newest time per device."""
     row: Row = {k: None for k in COLUMNS}
-    row.update(benchmark=_benchmark(run, None), family=_family(run), run=run.info.run_name or run.info.run_id[:8],
+    row.update(benchmark=_benchmark(run), family=_family(run), run=run.info.run_name or run.info.run_id[:8],
                run_id=run.info.run_id)
     sources = []
     for key, (name, scale) in METRICS.items():
@@ -124,7 +124,8 @@ def run_row(run, evaluations: list[Any], timings: list[Any]) -> Row:
             value = src.data.metrics.get(name)
             if _is_finite(value):
                 row[key] = float(value) * scale
-                label = "training" if src is run and "caloexp.model" in run.data.tags else f"evaluate {src.info.run_id[:8]}"
+                training = src is run and "caloexp.model" in run.data.tags
+                label = "training" if training else f"evaluate {src.info.run_id[:8]}"
                 if label not in sources:
                     sources.append(label)
                 break
@@ -134,7 +135,8 @@ def run_row(run, evaluations: list[Any], timings: list[Any]) -> Row:
         if not _is_finite(value):
             continue
         p = src.data.params
-        key = "gpu_ms_per_shower" if p.get("gen.device", "cpu").startswith("cuda") else "cpu_ms_per_shower"
+        on_cpu = p.get("gen.device", "cpu") == "cpu"  # else cuda, mps, ...: an accelerator
+        key = "cpu_ms_per_shower" if on_cpu else "gpu_ms_per_shower"
         if row[key] is None:
             row[key] = float(value)
             if row["gen_batch"] is None:
@@ -231,7 +233,8 @@ def write_csv(path: Path, rows: list[Row]) -> None:
         w = csv.DictWriter(f, fieldnames=list(COLUMNS))
         w.writeheader()
         for r in rows:
-            w.writerow({k: "" if r[k] is None else (f"{r[k]:.6g}" if isinstance(r[k], float) else r[k]) for k in COLUMNS})
+            w.writerow({k: "" if r[k] is None else f"{r[k]:.6g}" if isinstance(r[k], float) else r[k]
+                        for k in COLUMNS})
 
 
 def plot(path: Path, rows: list[Row], label_runs: int = 15) -> Path:
@@ -249,7 +252,8 @@ def plot(path: Path, rows: list[Row], label_runs: int = 15) -> Path:
     n_user = sum(r["benchmark"] != PUBLISHED_BENCHMARK for r in rows)
     for b, style in styles.items():
         pts = [r for r in rows if r["benchmark"] == b]
-        xy = [(r["auc_low"], r["auc_high"], r["run"]) for r in pts if r["auc_low"] is not None and r["auc_high"] is not None]
+        xy = [(r["auc_low"], r["auc_high"], r["run"]) for r in pts
+              if r["auc_low"] is not None and r["auc_high"] is not None]
         if xy:
             ax1.scatter([p[0] for p in xy], [p[1] for p in xy], label=b, **style)
         for dev, key, hollow in (("CPU", "cpu_ms_per_shower", False), ("GPU", "gpu_ms_per_shower", True)):
@@ -261,9 +265,10 @@ def plot(path: Path, rows: list[Row], label_runs: int = 15) -> Path:
         if b == PUBLISHED_BENCHMARK or n_user <= label_runs:
             for x, y, name in xy:
                 ax1.annotate(name[:28], (x, y), fontsize=6.5, xytext=(3, 2), textcoords="offset points")
-            for x, y, name in [(r["cpu_ms_per_shower"], r["auc_low"], r["run"]) for r in pts
-                               if r["cpu_ms_per_shower"] is not None and r["auc_low"] is not None]:
-                ax2.annotate(name[:28], (x, y), fontsize=6.5, xytext=(3, 2), textcoords="offset points")
+            for x, y, name, batch in [(r["cpu_ms_per_shower"], r["auc_low"], r["run"], r["gen_batch"]) for r in pts
+                                      if r["cpu_ms_per_shower"] is not None and r["auc_low"] is not None]:
+                name = name[:28] + (f" (batch {batch:,})" if batch not in (None, 10000) else "")
+                ax2.annotate(name, (x, y), fontsize=6.5, xytext=(3, 2), textcoords="offset points")
     for ax in (ax1, ax2):
         ax.axhline(0.5, color="k", lw=0.6, ls="--")
         ax.grid(alpha=0.3)
@@ -271,10 +276,12 @@ def plot(path: Path, rows: list[Row], label_runs: int = 15) -> Path:
     ax1.set(xlabel="classifier AUC, low-level features", ylabel="classifier AUC, high-level features",
             title="AUC (0.5 = indistinguishable from the reference)")
     ax2.set_xscale("log")
-    ax2.set(xlabel="generation ms/shower (batch 10,000; filled CPU, hollow GPU)", ylabel="classifier AUC, low-level",
+    ax2.set(xlabel="generation ms/shower (batch 10,000 unless labelled; filled CPU, hollow GPU)",
+            ylabel="classifier AUC, low-level",
             title="fidelity vs generation time")
-    if ax1.get_legend_handles_labels()[0]:
-        ax1.legend(fontsize=7, loc="upper left")
+    for ax in (ax1, ax2):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="lower right" if ax is ax2 else "upper left")
     fig.suptitle("Different benchmarks: embedded-data, real-data and published figures are not directly comparable",
                  fontsize=9)
     fig.tight_layout()

@@ -176,6 +176,12 @@ def test_bad_filter_and_missing_store_are_one_line_errors(store, tmp_path):
     with pytest.raises(lb.InputError, match="none.db: no MLflow store"):
         lb.collect(f"sqlite:///{tmp_path}/none.db", ["caloexp"])
     assert not (tmp_path / "none.db").exists()  # reading never creates a store
+    from mlflow.tracking import MlflowClient
+
+    from caloexp.tracking import start_side_run
+
+    with pytest.raises(lb.InputError, match=r"^mlflow_run=0123: no such run at sqlite:///"):  # generate/evaluate
+        start_side_run(MlflowClient(uri), uri, "caloexp-generate", "0123", "caloexp.generates", "generate", "x")
 
 
 @pytest.mark.slow
