@@ -112,26 +112,13 @@ def log_to_mlflow(cfg: DictConfig, result: dict[str, float], out: Path, pngs: li
     training run itself is never reopened, so its status, end time and metrics stay as they were.
     """
     from mlflow.entities import Metric, Param
-    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from caloexp.tracking import get_or_create_experiment
+    from caloexp.tracking import start_side_run
 
     client = MlflowClient(str(cfg.tracking_uri))
-    tags: dict[str, str] = {}
-    name = f"evaluate-{Path(str(cfg.generated)).stem}"
-    if cfg.mlflow_run is not None:
-        try:
-            trained = client.get_run(str(cfg.mlflow_run))
-        except MlflowException as exc:
-            raise InputError(f"mlflow_run={cfg.mlflow_run}: no such run at {cfg.tracking_uri} "
-                             f"({str(exc).splitlines()[0]})") from None
-        exp = trained.info.experiment_id
-        tags = {"mlflow.parentRunId": trained.info.run_id, "caloexp.evaluates": trained.info.run_id}
-        name = f"evaluate-{trained.info.run_name or trained.info.run_id[:8]}"
-    else:
-        exp = get_or_create_experiment(client, str(cfg.experiment_name))
-    run_id = client.create_run(exp, run_name=name, tags=tags).info.run_id
+    run_id = start_side_run(client, str(cfg.tracking_uri), str(cfg.experiment_name), cfg.mlflow_run,
+                            "caloexp.evaluates", "evaluate", Path(str(cfg.generated)).stem)
     status = "FAILED"
     try:
         params = {"generated": str(cfg.generated), "reference": str(cfg.reference), "geometry": geometry.name,

@@ -9,7 +9,9 @@ from the checkpoint's plain spec and weights (:mod:`caloexp.sampling`): no file 
 """
 from __future__ import annotations
 
+import inspect
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -80,13 +82,73 @@ def generate(cfg: DictConfig) -> Path:
         raise ConfigError(f"this model needs conditions {gen.cond_names}: give conditions=<file with those datasets>")
     options = OmegaConf.to_container(cfg.sampler, resolve=True) if cfg.get("sampler") else {}
     out = Path(str(cfg.output))
-    t0 = time.perf_counter()
-    sample = sampling.generate(gen, cond, seed=int(cfg.seed), batch_size=int(cfg.batch_size), **options)
-    dt = time.perf_counter() - t0
-    formats.write(out, sample, spec["writer"])
-    log.info("wrote %d events (%s, shape %s) to %s in %.1f s (%.0f events/s)", len(sample), spec["kind"],
-             tuple(sample.event_shape), out, dt, len(sample) / max(dt, 1e-9))
+    client = run_id = None
+    if cfg.get("mlflow") or cfg.get("mlflow_run") is not None:  # opened first: a bad run id fails before the work
+        from mlflow.tracking import MlflowClient
+
+        from caloexp.tracking import start_side_run
+
+        client = MlflowClient(str(cfg.tracking_uri))
+        run_id = start_side_run(client, str(cfg.tracking_uri), str(cfg.experiment_name), cfg.mlflow_run,
+                                "caloexp.generates", "generate", out.stem)
+    status = "FAILED"
+    try:
+        if run_id:  # one small batch first, so that the timing leaves out one-off start-up costs
+            sampling.generate(gen, {k: v[:100] for k, v in cond.items()}, seed=int(cfg.seed) + 1, **options)
+        t0 = time.perf_counter()
+        sample = sampling.generate(gen, cond, seed=int(cfg.seed), batch_size=int(cfg.batch_size), **options)
+        dt = time.perf_counter() - t0
+        formats.write(out, sample, spec["writer"])
+        log.info("wrote %d events (%s, shape %s) to %s in %.1f s (%.0f events/s, %.4g ms/event at batch %d)",
+                 len(sample), spec["kind"], tuple(sample.event_shape), out, dt, len(sample) / max(dt, 1e-9),
+                 1e3 * dt / max(len(sample), 1), int(cfg.batch_size))
+        if run_id:
+            log_timing(client, run_id, cfg, gen, spec, options, len(sample), dt, device)
+        status = "FINISHED"
+    finally:
+        if run_id:
+            client.set_terminated(run_id, status)
     return out
+
+
+def sampler_settings(gen: sampling.EventGenerator, spec: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    """The sampler options a generation used: given ones, else the generator's, else the model config's.
+
+    Named from the sampler's ``sample`` signature (e.g. ``steps``, ``solver``); a sampler without
+    named options (a GAN's generator) is one network pass, recorded as ``steps: 1``.
+    """
+    params = inspect.signature(gen.sampler.sample).parameters
+    names = [n for n, p in params.items() if n not in ("cond", "rng") and p.kind is not p.VAR_KEYWORD]
+    if not names:
+        return {"steps": 1}
+    model_cfg = spec.get("model") or {}
+    out = {}
+    for n in names:
+        value = options.get(n, gen.options.get(n, model_cfg.get(n, params[n].default)))
+        if value is not None and value is not inspect.Parameter.empty:
+            out[n] = value
+    return out
+
+
+def log_timing(client: Any, run_id: str, cfg: DictConfig, gen: sampling.EventGenerator, spec: dict[str, Any],
+               options: dict[str, Any], n: int, seconds: float, device: Any) -> None:
+    """Log the generation time (``gen/ms_per_shower``, ``gen/showers_per_s``) with the batch size, device
+    and sampler settings as params to MLflow run ``run_id`` (a child of ``mlflow_run``, tag ``caloexp.generates``)."""
+    import torch
+    from mlflow.entities import Metric, Param
+
+    settings = sampler_settings(gen, spec, options)
+    dev = torch.device(device)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{dev.type}, {os.cpu_count()} CPU cores"
+    params = {"gen.batch_size": int(cfg.batch_size), "gen.n_showers": n, "gen.device": str(dev), "gen.device_name": name,
+              "gen.threads": torch.get_num_threads(), "gen.source": str(cfg.source),
+              **{f"gen.sampler.{k}": v for k, v in settings.items()}}
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric("gen/ms_per_shower", 1e3 * seconds / max(n, 1), now, 0),
+                                      Metric("gen/showers_per_s", n / max(seconds, 1e-12), now, 0)],
+                     params=[Param(k, str(v)) for k, v in params.items()])
+    log.info("logged the generation time to MLflow run %s%s", run_id,
+             f" (generates with run {cfg.mlflow_run})" if cfg.mlflow_run else "")
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="generate")

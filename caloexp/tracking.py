@@ -90,6 +90,31 @@ def get_or_create_experiment(client: MlflowClient, name: str, tracking_uri: str 
     return exp.experiment_id
 
 
+def start_side_run(client: MlflowClient, tracking_uri: str, experiment_name: str, of_run: str | None,
+                   tag: str, prefix: str, name: str) -> str:
+    """Create a run recording work done on a trained model (an evaluation, a generation timing); its id.
+
+    With ``of_run`` (a training run id) the new run lies in that run's experiment as its child
+    (``mlflow.parentRunId``) tagged ``<tag>=<id>`` and is named ``<prefix>-<run name>``; the training
+    run itself is never reopened. Else it is ``<prefix>-<name>`` in experiment ``experiment_name``.
+    """
+    from mlflow.exceptions import MlflowException
+
+    from caloexp.errors import InputError
+
+    if of_run is None:
+        exp = get_or_create_experiment(client, experiment_name, tracking_uri)
+        return client.create_run(exp, run_name=f"{prefix}-{name}").info.run_id
+    try:
+        trained = client.get_run(str(of_run))
+    except MlflowException as exc:
+        raise InputError(f"mlflow_run={of_run}: no such run at {tracking_uri} "
+                         f"({str(exc).splitlines()[0]})") from None
+    tags = {"mlflow.parentRunId": trained.info.run_id, tag: trained.info.run_id}
+    run_name = f"{prefix}-{trained.info.run_name or trained.info.run_id[:8]}"
+    return client.create_run(trained.info.experiment_id, run_name=run_name, tags=tags).info.run_id
+
+
 def _col(kind: str, key: str) -> str:
     return f"{kind}.`{key}`"
 
