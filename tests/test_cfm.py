@@ -11,7 +11,7 @@ from torch import nn
 
 from caloexp.data.sample import Batch
 from caloexp.data.transforms import Transform
-from caloexp.models.cfm import CFM, Reflow, VelocityNet, integrate
+from caloexp.models.cfm import CFM, Reflow, TransformerVelocityNet, VelocityNet, integrate
 from caloexp.optim import Optim
 from caloexp.runtime import Runtime
 
@@ -47,6 +47,26 @@ def test_flow_matching_recovers_a_gaussian_mixture():
     dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
     w = lambda a, b: np.mean([np.abs(np.sort(a @ d) - np.sort(b @ d)).mean() for d in dirs])  # noqa: E731
     assert w(gen, ref) < 0.15 and w(gen, ref) < 0.1 * w(prior, ref)
+
+
+def test_transformer_velocity_net_learns_the_mixture():
+    torch.manual_seed(0)
+    net = functools.partial(TransformerVelocityNet, patch=1, width=32, depth=2, heads=2, emb=32)   # 2 tokens
+    model = CFM((2,), 0, net=net, steps=10)
+    model.rng = torch.Generator().manual_seed(0)
+    opt = Optim(model, {"_target_": "torch.optim.Adam", "lr": 3e-3}, None, Runtime(torch.device("cpu")))
+    rng = np.random.default_rng(0)
+    for step in range(600):
+        model.training_step(Batch(torch.as_tensor(mixture(128, rng)), torch.zeros(128, 0)), step, opt)
+    with torch.no_grad():
+        gen = model.sampler().sample(torch.zeros(4000, 0), torch.Generator().manual_seed(1)).numpy()
+    left = gen[:, 0] < 0
+    assert abs(left.mean() - 0.3) < 0.05
+    np.testing.assert_allclose(gen[left].mean(0), [-2.0, 0.0], atol=0.2)
+    np.testing.assert_allclose(gen[~left].mean(0), [2.0, 1.0], atol=0.2)
+    np.testing.assert_allclose(np.r_[gen[left].std(0), gen[~left].std(0)], 0.3, atol=0.1)
+    with pytest.raises(Exception, match="divisible by heads"):
+        TransformerVelocityNet(368, 1, width=30, heads=4)
 
 
 def test_reflow_student_does_in_one_step_what_its_teacher_needs_many_for():

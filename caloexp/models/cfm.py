@@ -83,6 +83,40 @@ class VelocityNet(nn.Module):
         return self.out(h)
 
 
+class TransformerVelocityNet(nn.Module):
+    """v(x, t, c) as a transformer over patch tokens (the vision-transformer approach of CaloDREAM):
+    the D features are cut into ceil(D / patch) patches (zero-padded), each embedded with a learned
+    position, modulated by the (t, c) embedding, and mixed by ``depth`` pre-norm self-attention
+    blocks; a linear head maps each token back to its patch."""
+
+    def __init__(self, dim: int, cond_dim: int, patch: int = 16, width: int = 128, depth: int = 4, heads: int = 4,
+                 emb: int = 128, dropout: float = 0.0):
+        super().__init__()
+        if min(dim, patch, width, depth, heads, emb) < 1 or width % heads:
+            raise ConfigError(f"TransformerVelocityNet needs dim, patch, width, depth, heads, emb >= 1 and width "
+                              f"divisible by heads (got {dim}, {patch}, {width}, {depth}, {heads}, {emb})")
+        self.dim, self.patch = int(dim), int(patch)
+        self.tokens = -(-self.dim // self.patch)
+        self.temb = TimeEmbedding(64)
+        self.emb = nn.Sequential(nn.Linear(64 + cond_dim, emb), nn.SiLU(), nn.Linear(emb, 2 * width))
+        self.inp = nn.Linear(self.patch, width)
+        self.pos = nn.Parameter(torch.zeros(1, self.tokens, width))
+        nn.init.normal_(self.pos, std=0.02)
+        layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout, activation="gelu", batch_first=True,
+                                           norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, self.patch))
+        nn.init.zeros_(self.out[1].weight)
+        nn.init.zeros_(self.out[1].bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        n = len(x)
+        xp = nn.functional.pad(x, (0, self.tokens * self.patch - self.dim)).reshape(n, self.tokens, self.patch)
+        scale, shift = self.emb(torch.cat([self.temb(t), c], 1)).unsqueeze(1).chunk(2, 2)
+        h = self.encoder((self.inp(xp) + self.pos) * (1 + scale) + shift)
+        return self.out(h).reshape(n, -1)[:, :self.dim]
+
+
 def flow_matching_loss(net: nn.Module, x: torch.Tensor, c: torch.Tensor, rng: torch.Generator | None,
                        z: torch.Tensor | None = None) -> torch.Tensor:
     """The rectified-flow regression; ``z`` pairs each x with its own noise (reflow), else fresh noise."""
