@@ -409,7 +409,7 @@ def write_csvs(out: str | Path, energies: np.ndarray, showers: np.ndarray, pid: 
     out = Path(out)
     energies = np.asarray(energies).reshape(-1)
     files = {file_name(pid, e, eta): csv_bytes(showers[energies == e]) for e in np.unique(energies)}
-    if is_archive(out) or out.name.endswith((".tgz", ".tar.gz")):
+    if out.name.endswith((".tgz", ".tar.gz")):
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(out.name + ".part")
         with tarfile.open(tmp, "w:gz") as tar:
