@@ -106,7 +106,10 @@ class ShowerDataModule(DataModule):
 
     def resolve_step(self, entry: Any) -> Any:
         """``layer_energies`` with ``layers: geometry`` / ``threshold: geometry`` gets the voxel count of each
-        layer and the evaluation's voxel threshold (1 MeV for dataset 1) of this geometry."""
+        layer and the evaluation's voxel threshold (1 MeV for dataset 1) of this geometry; ``calo_image``
+        with ``layers: geometry`` gets (n_alpha, n_r) of each layer."""
+        if isinstance(entry, Mapping) and entry.get("step") == "calo_image" and entry.get("layers") == "geometry":
+            return dict(entry, layers=[[layer.n_alpha, layer.n_r] for layer in self.geometry.layers])
         if isinstance(entry, Mapping) and entry.get("step") == "layer_energies":
             entry = dict(entry)
             if entry.get("layers") == "geometry":

@@ -361,6 +361,75 @@ STEPS: dict[str, type[Step]] = {c.name: c for c in (EnergyFraction, Log, Logit, 
                                                     LayerEnergies)}
 
 
+def calo_image_layout(layers: Sequence[Sequence[int]]) -> tuple[tuple[int, int], np.ndarray]:
+    """Image shape and the pixel of every voxel for the 2D view of a CaloChallenge shower.
+
+    ``layers``: (n_alpha, n_r) per non-empty layer, in voxel order. Rows are layer x alpha bin (a
+    layer takes n_alpha consecutive rows), columns the radial bins (r = 0 at column 0); layers with
+    fewer radial bins than the widest are zero-padded on the right. Returns ((rows, cols), pixel)
+    with ``pixel[k]`` the flat image index of voxel k (voxel order: layer, then alpha, then r).
+    """
+    sizes = [(int(a), int(r)) for a, r in layers]
+    cols = max(r for _, r in sizes)
+    rows = sum(a for a, _ in sizes)
+    pix, row0 = [], 0
+    for a, r in sizes:
+        grid = (row0 + np.arange(a))[:, None] * cols + np.arange(r)[None, :]
+        pix.append(grid.reshape(-1))
+        row0 += a
+    return (rows, cols), np.concatenate(pix).astype(np.int64)
+
+
+class CaloImage(Step):
+    """Voxels (V,) -> a (rows, cols) image: rows = layer x alpha bin, columns = radial bin (see
+    :func:`calo_image_layout`), so 2D conv nets see neighbouring cells as neighbouring pixels.
+
+    A pure re-indexing: the inverse reads the voxels back from their pixels and is exact; padding
+    pixels hold ``fill`` and are ignored by the inverse (``mask`` marks the real pixels). Put it last
+    in the chain so the padding stays at ``fill`` in network space.
+    """
+
+    name = "calo_image"
+
+    def __init__(self, event_shape, layers: Sequence[Sequence[int]], fill: float = 0.0):
+        super().__init__(event_shape)
+        if isinstance(layers, str):
+            raise ConfigError(f"transform step calo_image: layers={layers!r} is filled in only for CaloChallenge "
+                              "data (data=embedded|photons|pions|atlas_csv|...); give [n_alpha, n_r] per layer")
+        try:
+            sizes = [(int(a), int(r)) for a, r in layers]
+        except (TypeError, ValueError):
+            raise ConfigError(f"transform step calo_image: layers={layers!r} must be [n_alpha, n_r] pairs") from None
+        if not sizes or min(min(p) for p in sizes) < 1 or len(self.event_shape) != 1 \
+                or sum(a * r for a, r in sizes) != self.event_shape[0]:
+            raise ConfigError(f"transform step calo_image: layers={[list(p) for p in sizes]} (n_alpha x n_r) must "
+                              f"hold exactly the event's {self.event_shape} voxels")
+        self.layers, self.fill = sizes, float(fill)
+        self.shape, pixel = calo_image_layout(sizes)
+        self.register_buffer("pixel", torch.as_tensor(pixel), persistent=False)
+        mask = torch.zeros(self.shape[0] * self.shape[1])
+        mask[self.pixel] = 1.0
+        self.register_buffer("mask", mask.reshape(self.shape), persistent=False)
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return self.shape
+
+    def settings(self):
+        return {"layers": [list(p) for p in self.layers], "fill": self.fill}
+
+    def forward(self, x, cond):
+        out = torch.full((len(x), self.shape[0] * self.shape[1]), self.fill, dtype=x.dtype, device=x.device)
+        out[:, self.pixel.to(x.device)] = x
+        return out.reshape(len(x), *self.shape)
+
+    def inverse(self, x, cond):
+        return x.reshape(len(x), -1)[:, self.pixel.to(x.device)]
+
+
+STEPS[CaloImage.name] = CaloImage
+
+
 # ------------------------------------------------------------------ conditions
 class CondStep(nn.Module):
     """Maps one physical condition (N,) or (N, k) to network inputs (N, out_dim)."""

@@ -7,7 +7,7 @@ a flat dict of floats with MLflow-safe names plus the calo features of both samp
 :func:`evaluate` is its in-memory shorthand returning the dict. Groups (``docs/metrics.md``):
 
 calo      ``separation`` (``sep/*``, ``resp/*``, ``monitor/score``), ``images``, ``wasserstein``,
-          ``classifier``, ``fpd_kpd``, ``shapes3d``
+          ``classifier``, ``fpd_kpd``, ``shapes3d``, ``projections``
 grid      ``cells``
 image     ``cells``
 tabular   ``tabular``

@@ -1,7 +1,7 @@
 """The built-in metric groups, registered by name with the kinds they apply to.
 
 calo (CaloChallenge geometry): ``separation`` (also ``resp/*`` and ``monitor/score``), ``images``,
-``wasserstein``, ``classifier``, ``fpd_kpd``, ``shapes3d``; grid and image: ``cells``; tabular:
+``wasserstein``, ``classifier``, ``fpd_kpd``, ``shapes3d``, ``projections``; grid and image: ``cells``; tabular:
 ``tabular`` (see :mod:`caloexp.metrics.generic`). Every kind's default groups compute
 ``monitor/score``, the default training monitor.
 """
@@ -146,9 +146,10 @@ register(MetricGroup("fpd_kpd", CALO, lambda c: _FromFeatures(c, _fpd_kpd), "fpd
 register(MetricGroup("shapes3d", CALO, _Shapes, "shapes/* 3DGAN-style shower shapes"))
 
 from caloexp.metrics import generic  # noqa: E402  (registers tabular and cells)
+from caloexp.metrics import projections  # noqa: E402,F401  (registers projections: GAN_602's layer x r images)
 
 FAST: tuple[str, ...] = ("separation", "images", "wasserstein")
-ALL: tuple[str, ...] = FAST + ("classifier", "fpd_kpd", "shapes3d")
+ALL: tuple[str, ...] = FAST + ("classifier", "fpd_kpd", "shapes3d", "projections")
 #: Groups used when none are named, per kind; each computes ``monitor/score``.
 DEFAULT_GROUPS: dict[str, tuple[str, ...]] = {"calo": FAST, "grid": ("cells",), "image": ("cells",),
                                               "tabular": ("tabular",)}
