@@ -146,6 +146,7 @@ register(MetricGroup("fpd_kpd", CALO, lambda c: _FromFeatures(c, _fpd_kpd), "fpd
 register(MetricGroup("shapes3d", CALO, _Shapes, "shapes/* 3DGAN-style shower shapes"))
 
 from caloexp.metrics import generic  # noqa: E402  (registers tabular and cells)
+from caloexp.metrics import zdc  # noqa: E402,F401  (registers zdc, for image data)
 
 FAST: tuple[str, ...] = ("separation", "images", "wasserstein")
 ALL: tuple[str, ...] = FAST + ("classifier", "fpd_kpd", "shapes3d")
