@@ -151,6 +151,7 @@ def control_error(x: np.ndarray, targets: Mapping[str, float], lo: Sequence[floa
         out[f"control/{name}/achieved_mean"] = float(props[:, k].mean())
         errs.append(err / (float(hi[k]) - float(lo[k])) if lo is not None and hi is not None else err)
     out["control/abs_err_mean"] = float(np.mean(errs)) if errs else float("nan")
+    out["control/n_events"] = float(len(props))
     return out
 
 

@@ -18,7 +18,7 @@ Loss per event (batch mean; weights ``weights.<name>``)::
 
     rec   * sum_pixels (v_hat - v)^2 + cond * sum (c_hat - c)^2 + prop * sum_k (y_hat_k - y_k)^2
   + kl    * [KL(q(z)||N) + KL(q(w)||N) + KL(q(c)||N)]
-  + tc    * TC(w)  = E[log q(w) - sum_j log q(w_j)]          (pairwise, minibatch-weighted sampling)
+  + tc    * TC(w)  = E[log q(w) - sum_j log q(w_j)]          (pairwise; minibatch-stratified sampling)
   + group * [E log q(z, w) - log q(z) q(w)] + [E log q(c, w) - log q(c) q(w)]   (groupwise)
   + mask_l1 * mean_kj P(M_kj = 1)                             (sparsity of the mask)
   + mask_corr * mean_{k<l} (cos(P(M_k), P(M_l)) - |rho_kl|)^2  (correlated properties share w dims)
@@ -74,21 +74,31 @@ def _pair_logq(sample: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> 
     return log_density(sample[:, None], mu[None], logvar[None])
 
 
+def log_importance_weights(b: int, n_data: float, device=None) -> torch.Tensor:
+    """(B, B) log weights of minibatch-stratified sampling (Chen et al. 2018): the event itself 1/N, one
+    other (the next) (N - M)/(N M), the rest 1/M with M = B - 1; each row sums to exactly 1."""
+    n = max(float(n_data), float(b))
+    m = b - 1
+    w = torch.full((b, b), 1.0 / m, dtype=torch.float64, device=device)
+    i = torch.arange(b, device=device)
+    w[i, i] = 1.0 / n
+    w[i, (i + 1) % b] = (n - m) / (n * m)
+    return w.log()
+
+
 def total_correlation(sample: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, n_data: float) -> torch.Tensor:
-    """E[log q(w) - sum_j log q(w_j)] with minibatch-weighted sampling (Chen et al. 2018), batch mean."""
-    mat = _pair_logq(sample, mu, logvar)
-    c = math.log(len(sample) * max(n_data, len(sample)))
-    log_q = torch.logsumexp(mat.sum(2), 1) - c
-    log_prod = (torch.logsumexp(mat, 1) - c).sum(1)
-    return (log_q - log_prod).mean()
+    """E[log q(w) - sum_j log q(w_j)] (minibatch-stratified sampling), batch mean; 0 for a factorised q."""
+    lw = log_importance_weights(len(sample), n_data, sample.device).to(sample.dtype)[:, :, None]
+    mat = _pair_logq(sample, mu, logvar) + lw
+    return (torch.logsumexp(mat.sum(2) - (mat.shape[2] - 1) * lw[:, :, 0], 1)
+            - torch.logsumexp(mat, 1).sum(1)).mean()
 
 
 def group_correlation(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...], n_data: float) -> torch.Tensor:
     """E[log q(a, b) - log q(a) - log q(b)] for two groups of latents (sample, mu, logvar), batch mean."""
+    lw = log_importance_weights(len(a[0]), n_data, a[0].device).to(a[0].dtype)
     ma, mb = _pair_logq(*a).sum(2), _pair_logq(*b).sum(2)
-    c = math.log(len(a[0]) * max(n_data, len(a[0])))
-    joint = torch.logsumexp(ma + mb, 1) - c
-    return (joint - (torch.logsumexp(ma, 1) - c) - (torch.logsumexp(mb, 1) - c)).mean()
+    return (torch.logsumexp(ma + mb + lw, 1) - torch.logsumexp(ma + lw, 1) - torch.logsumexp(mb + lw, 1)).mean()
 
 
 def mask_probabilities(logits: torch.Tensor) -> torch.Tensor:
@@ -354,20 +364,19 @@ class ControlSampler(nn.Module):
 
     def report(self, sample, targets: Mapping[str, Any] | None = None, scaled: bool = False,
                **_: Any) -> dict[str, float]:
-        """Requested vs achieved properties of generated events (physical photon counts)."""
+        """Requested vs achieved properties of the generated events (their photon counts)."""
         if not targets:
             return {}
+        from caloexp.metrics.zdc import control_error
+
         m = self.model
-        achieved = torch.as_tensor(zdc.properties_of_counts(sample.x)[:, m.prop_index], dtype=torch.float64)
-        want = self.targets_scaled(targets, scaled)
-        lo, hi = m.prop_lo.double().cpu(), m.prop_hi.double().cpu()
-        out, errs = {}, []
-        for i, s in want.items():
+        lo, hi = m.prop_lo.double().cpu().numpy(), m.prop_hi.double().cpu().numpy()
+        want = {}
+        for i, s in self.targets_scaled(targets, scaled).items():
             name = m.prop_names[i]
-            req = float(s * (hi[i] - lo[i]) + lo[i])
-            err = (achieved[:, i] - req).abs()
-            errs.append(float(err.mean() / (hi[i] - lo[i])))
-            out.update({f"control/{name}/requested": req, f"control/{name}/achieved_mean": float(achieved[:, i].mean()),
-                        f"control/{name}/abs_err": float(err.mean())})
-        out["control/abs_err_scaled_mean"] = float(np.mean(errs))
+            want[name] = float(targets[name]) if not scaled else float(s * (hi[i] - lo[i]) + lo[i])
+        full_lo, full_hi = np.zeros(len(zdc.PROPERTIES)), np.ones(len(zdc.PROPERTIES))
+        full_lo[m.prop_index], full_hi[m.prop_index] = lo, hi
+        out = control_error(sample.x, want, full_lo, full_hi)
+        out.update({f"control/{k}/requested": v for k, v in want.items()})
         return out
