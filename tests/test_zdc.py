@@ -224,3 +224,19 @@ def test_corrvae_trains_resumes_bit_exactly_and_generates_with_targets(tmp_path)
     bad = run_cli(["caloexp.generate", f"source={tmp_path}/A", f"conditions={conds}", f"output={out}",
                    "sampler={targets: {size: 0.3}}"], cwd=tmp_path)
     assert bad.returncode != 0 and "unknown propert" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_zdc_configs_compose(tmp_path):
+    from test_configs import compose_cfg
+
+    from caloexp.build import instantiate
+    from caloexp.data.base import DataModule
+
+    emb = instantiate(compose_cfg(["model=corrvae", "data=zdc_embedded"], tmp_path).data, "data", DataModule)
+    assert emb.source_kind == "embedded" and emb.kind == "image"
+    files = compose_cfg(["data=zdc", "data.files=[[r.npz, p.npz], z.h5]"], tmp_path)
+    dm = instantiate(files.data, "data", DataModule)
+    assert dm.entries == [[tmp_path / "data" / "r.npz", tmp_path / "data" / "p.npz"], tmp_path / "data" / "z.h5"]
+    base = compose_cfg(["+experiment=zdc_wgangp"], tmp_path)
+    assert base.data.name == "zdc_embedded" and list(base.trainer.metrics) == ["cells", "zdc"]
+    assert base.model.generator.dims == 2

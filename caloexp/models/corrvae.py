@@ -362,6 +362,22 @@ class ControlSampler(nn.Module):
                              m.target_prior if prior is None else prior)
         return m.decode(z, w0, c)
 
+    @torch.no_grad()
+    def traverse(self, cond: torch.Tensor, values: Sequence[float], rng: torch.Generator | None = None) -> torch.Tensor:
+        """Latent traversals for one event's condition (1, cond_dim): network images (W, K, *shape) where row j
+        sets ``w_j`` to each of the K ``values`` (other w dims 0) with one draw of z and of the condition latent."""
+        m = self.model
+        z = torch.randn(1, m.z_dim, generator=rng, device=cond.device, dtype=cond.dtype)
+        mu_c, logvar_c = m.encode_cond(cond[:1])
+        c = mu_c + (0.5 * logvar_c).exp() * torch.randn(1, m.c_dim, generator=rng, device=cond.device, dtype=cond.dtype)
+        vals = torch.as_tensor(list(values), dtype=cond.dtype, device=cond.device)
+        w = torch.zeros(m.w_dim, len(vals), m.w_dim, dtype=cond.dtype, device=cond.device)
+        idx = torch.arange(m.w_dim, device=cond.device)
+        w[idx, :, idx] = vals
+        n = m.w_dim * len(vals)
+        x = m.decode(z.expand(n, -1), w.reshape(n, -1), c.expand(n, -1))
+        return x.reshape(m.w_dim, len(vals), *m.data_shape)
+
     def report(self, sample, targets: Mapping[str, Any] | None = None, scaled: bool = False,
                **_: Any) -> dict[str, float]:
         """Requested vs achieved properties of the generated events (their photon counts)."""
