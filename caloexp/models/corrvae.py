@@ -336,9 +336,8 @@ class ControlSampler(nn.Module):
         opt = torch.optim.Adam([w], lr=lr)
         with torch.enable_grad():
             for _ in range(int(steps)):
-                opt.zero_grad()
                 err = ((m.vae.props(w, mask)[:, idx] - t) ** 2).sum(1)
-                (err.sum() + prior * 0.5 * (w ** 2).sum()).backward()
+                (w.grad,) = torch.autograd.grad(err.sum() + prior * 0.5 * (w ** 2).sum(), w)  # w only
                 opt.step()
         return w.detach()
 
