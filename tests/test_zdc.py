@@ -240,3 +240,16 @@ def test_zdc_configs_compose(tmp_path):
     base = compose_cfg(["+experiment=zdc_wgangp"], tmp_path)
     assert base.data.name == "zdc_embedded" and list(base.trainer.metrics) == ["cells", "zdc"]
     assert base.model.generator.dims == 2
+
+
+def test_corrvae_sweep_parses_and_its_keys_exist(tmp_path):
+    from hydra_plugins.caloexp_optuna_sweeper._search_space import parse_search_space
+    from omegaconf import OmegaConf
+    from test_configs import compose_cfg
+
+    cfg = compose_cfg(["sweeps=corrvae"], tmp_path)
+    params = OmegaConf.to_container(cfg.hydra.sweeper.params)
+    specs, _ = parse_search_space(params, [], "sweeps/corrvae.yaml")
+    assert len(specs) == len(params) == 9 and cfg.optimized_metric == "zdc/ws_channels"
+    for key in params:   # every searched key is a setting of the composed run
+        assert OmegaConf.select(cfg, key) is not None, key
