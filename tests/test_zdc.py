@@ -253,3 +253,27 @@ def test_corrvae_sweep_parses_and_its_keys_exist(tmp_path):
     assert len(specs) == len(params) == 9 and cfg.optimized_metric == "zdc/ws_channels"
     for key in params:   # every searched key is a setting of the composed run
         assert OmegaConf.select(cfg, key) is not None, key
+
+
+def test_corrvae_fits_property_scaling_and_refuses_other_network_spaces(tmp_path):
+    def data(steps):
+        dm = zdc.ZDCDataModule("zdc_embedded", data_dir=str(tmp_path), source="embedded", n_events=300,
+                               batch_size=32, eval_events=20, transform={"steps": steps,
+                                                                         "conditions": {"particle": "standardise"}})
+        dm.prepare_data()
+        dm.setup()
+        dm.fit_transform()
+        return dm
+
+    dm = data([{"step": "log", "eps": 1.0}])
+    m = cv.CorrVAE(dm.data_shape, dm.cond_dim, channels=4, hidden=8, cond_hidden=8)
+    m.prepare(dm)
+    seen = dm.train_rows[np.sort(dm.epoch_order(0, 0)[: dm.steps_per_epoch * 32])]   # the rows of epoch 0
+    props = zdc.properties_of_counts(dm.source.take(seen).x)
+    assert float(m.n_train) == len(dm.train_rows)
+    np.testing.assert_allclose(m.prop_lo.numpy(), props.min(0), atol=1e-4)
+    hi = np.where(props.max(0) > props.min(0), props.max(0), props.min(0) + 1)   # a constant property: width 1
+    np.testing.assert_allclose(m.prop_hi.numpy(), hi, atol=1e-4)
+    np.testing.assert_allclose(m.scale(torch.as_tensor(props, dtype=torch.float32)).numpy().min(0), 0, atol=1e-5)
+    with pytest.raises(ConfigError, match=r"log\(1 \+ counts\)"):
+        cv.CorrVAE(dm.data_shape, dm.cond_dim, channels=4, hidden=8).prepare(data([{"step": "normalise"}]))
