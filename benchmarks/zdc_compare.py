@@ -153,8 +153,9 @@ def controlled(gen, ref, n, figs, client, run_id, props_of, names, zm) -> dict[s
             {"particle": torch.as_tensor(cond["particle"][:1])})), np.linspace(-2.5, 2.5, 7),
             torch.Generator().manual_seed(0)).reshape(-1, *gen.transform.net_shape),
         {}).reshape(model.w_dim, 7, *gen.transform.event_shape)[:, :, 0].numpy()
-    p = zm.plot_traversals(strips, np.linspace(-2.5, 2.5, 7), figs / "corrvae_traversals.png")
-    client.log_artifact(run_id, str(p), "zdc")
+    for p in (zm.plot_traversals(strips, np.linspace(-2.5, 2.5, 7), figs / "corrvae_traversals.png"),
+              zm.traversal_gif(strips, figs / "corrvae_traversals.gif")):
+        client.log_artifact(run_id, str(p), "zdc")
     client.log_batch(run_id, metrics=[_metric(k, v) for k, v in out.items() if np.isfinite(v)])
     return out
 

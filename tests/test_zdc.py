@@ -277,3 +277,25 @@ def test_corrvae_fits_property_scaling_and_refuses_other_network_spaces(tmp_path
     np.testing.assert_allclose(m.scale(torch.as_tensor(props, dtype=torch.float32)).numpy().min(0), 0, atol=1e-5)
     with pytest.raises(ConfigError, match=r"log\(1 \+ counts\)"):
         cv.CorrVAE(dm.data_shape, dm.cond_dim, channels=4, hidden=8).prepare(data([{"step": "normalise"}]))
+
+
+def test_zdc_metric_group_zero_for_identical_samples_and_grows_with_a_change():
+    from caloexp import metrics
+    from caloexp.data.sample import Sample
+
+    s = zdc_sim.simulate(400, 21)
+    ref = Sample(s.x, s.cond, "image")
+    same = metrics.evaluate(ref, ref, groups=["zdc"])
+    assert same["zdc/ws_channels"] == 0 and same["zdc/ws_props_mean"] == 0 and same["zdc/ssim_avg"] == 1
+    brighter = metrics.evaluate(ref, Sample(s.x * 2, s.cond, "image"), groups=["zdc"])
+    tot = zm.channel_sums(s.x)
+    np.testing.assert_allclose(brighter["zdc/ws_channels"], tot.mean(), rtol=1e-6)   # every sum doubles
+    assert brighter["zdc/ws_sum"] > 0 and brighter["zdc/ws_max_x"] == brighter["zdc/ws_max_y"] == 0   # same argmax
+
+
+def test_traversal_gif_shows_each_value_back_and_forth(tmp_path):
+    from PIL import Image
+
+    strips = np.random.default_rng(0).poisson(2.0, (3, 5, 44, 44)).astype(float)
+    with Image.open(zm.traversal_gif(strips, tmp_path / "t.gif", scale=1)) as im:
+        assert im.n_frames == 5 + 3 and im.size == (3 * 44, 44)

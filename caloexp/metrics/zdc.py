@@ -19,7 +19,7 @@ Metrics (reference and generated at the same particles, as training's evaluation
 
 :func:`control_error` is the property-control error of a generation with targets (|requested -
 achieved|, per property and mean); the ``plot_*`` functions draw real vs generated responses, latent
-traversals along each ``w`` dimension and requested vs achieved properties.
+traversals along each ``w`` dimension (a strip and a GIF) and requested vs achieved properties.
 """
 from __future__ import annotations
 
@@ -199,6 +199,20 @@ def plot_traversals(strips: np.ndarray, values: np.ndarray, path: str | Path) ->
             if c == 0:
                 ax.set_ylabel(f"w{r}", fontsize=7)
     return _save(fig, Path(path))
+
+
+def traversal_gif(strips: np.ndarray, path: str | Path, scale: int = 3) -> Path:
+    """An animated GIF of the traversals: frame k shows every ``w_j`` (side by side) at the k-th value."""
+    from PIL import Image
+
+    v = np.log1p(np.clip(strips, 0, None))
+    v = (255 * v / max(float(v.max()), 1e-6)).astype(np.uint8)          # (W, K, H, W_img)
+    frames = [Image.fromarray(np.concatenate(list(v[:, k]), axis=1)).resize(
+        (v.shape[3] * v.shape[0] * scale, v.shape[2] * scale), Image.NEAREST) for k in range(v.shape[1])]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames[0].save(path, save_all=True, append_images=frames[1:] + frames[-2:0:-1], duration=300, loop=0)
+    return path
 
 
 def plot_control(requested: np.ndarray, achieved: np.ndarray, name: str, path: str | Path) -> Path:
