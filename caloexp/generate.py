@@ -6,10 +6,13 @@ CaloChallenge models write ``incident_energies`` (N, 1) and ``showers`` (N, n_vo
 layout the official CaloChallenge ``evaluate.py`` reads; grid, image and tabular models write the
 named datasets their data came from (e.g. ``ECAL``, ``energy``, ``theta``). The generator is rebuilt
 from the checkpoint's plain spec and weights (:mod:`caloexp.sampling`): no file is unpickled.
+Sampler options (``sampler='{...}'``) go to the model's sampler; a sampler with a ``report(sample, **options)``
+(e.g. the CorrVAE's requested vs achieved properties) has it logged and written to ``<output>.report.json``.
 """
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import os
 import time
@@ -99,6 +102,13 @@ def generate(cfg: DictConfig) -> Path:
         sample = sampling.generate(gen, cond, seed=int(cfg.seed), batch_size=int(cfg.batch_size), **options)
         dt = time.perf_counter() - t0
         formats.write(out, sample, spec["writer"])
+        report = getattr(gen.sampler, "report", None)  # e.g. requested vs achieved properties of controlled generation
+        summary = report(sample, **options) if callable(report) else {}
+        if summary:
+            path = out.with_name(out.name + ".report.json")
+            path.write_text(json.dumps(summary, indent=1, sort_keys=True))
+            log.info("sampler report (%s): %s", path,
+                     ", ".join(f"{k} = {v:.4g}" for k, v in sorted(summary.items())))
         log.info("wrote %d events (%s, shape %s) to %s in %.1f s (%.0f events/s, %.4g ms/event at batch %d)",
                  len(sample), spec["kind"], tuple(sample.event_shape), out, dt, len(sample) / max(dt, 1e-9),
                  1e3 * dt / max(len(sample), 1), int(cfg.batch_size))

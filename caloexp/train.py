@@ -178,6 +178,7 @@ def train(cfg: DictConfig) -> float:
                                          cond_dim=data.cond_dim)
     transform = data.fit_transform(model.output_range, rt.device)
     model.to(rt.device)
+    model.prepare(data)
     rt.broadcast_module(model)
     model.rng = torch.Generator(rt.device).manual_seed(runtime.rank_seed(cfg.seed, rt.rank))
     optim = Optim(model, cfg.optimizer, cfg.scheduler, rt, tc.gradient_clip_val)

@@ -147,6 +147,7 @@ register(MetricGroup("shapes3d", CALO, _Shapes, "shapes/* 3DGAN-style shower sha
 
 from caloexp.metrics import generic  # noqa: E402  (registers tabular and cells)
 from caloexp.metrics import projections  # noqa: E402,F401  (registers projections: GAN_602's layer x r images)
+from caloexp.metrics import zdc  # noqa: E402,F401  (registers zdc, for image data)
 
 FAST: tuple[str, ...] = ("separation", "images", "wasserstein")
 ALL: tuple[str, ...] = FAST + ("classifier", "fpd_kpd", "shapes3d", "projections")

@@ -6,6 +6,7 @@ The trainer (:mod:`caloexp.train`) only ever calls:
   an optimiser each (any names); ``model.ema`` - ``{role: decay}`` for weights to average
 * ``model.training_step(batch, step, optim)`` - the family's maths; ``optim.step(role, loss)`` does
   backward, scaling, clipping, the optimiser step, gradient sync and EMA (:class:`caloexp.optim.Optim`)
+* ``model.prepare(data)`` - once before training: statistics of the training data kept in buffers
 * ``model.sampler()`` - an ``nn.Module`` with ``sample(cond, rng, **options)`` for generation
 
 A family with one loss per role only writes :meth:`GenerativeModel.losses`; the default
@@ -44,6 +45,10 @@ class GenerativeModel(nn.Module):
 
     def parameters_for(self, role: str) -> Iterable[nn.Parameter]:
         return self.module_for(role).parameters()
+
+    def prepare(self, data) -> None:
+        """Fit statistics of the training data (a set-up ``DataModule``) that the family keeps in buffers;
+        called once before training (a resumed run then loads them from the checkpoint). Default: none."""
 
     def losses(self, batch: Batch, step: int) -> tuple[Losses, dict[str, torch.Tensor]]:
         """``({role: loss}, logs)`` for families with one loss per role and step."""
