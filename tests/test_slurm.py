@@ -27,8 +27,10 @@ def test_training_job_and_its_requeue_resume_into_the_same_run(tmp_path):
     assert a["state"]["step"] == 4
     logs = list((tmp_path / "sweep" / ".submitit").glob("*/*_0_log.out"))
     assert logs, "the run did not go through submitit"
-    # the job again, as SLURM runs it after a requeue (the time limit raised here so it has work left)
-    again = run_cli(job + ["trainer.max_steps=8"], cwd=tmp_path)
+    # the job's command again in its own directory, as a requeued job runs it (submitit re-runs the same
+    # call; here without the launcher's second process, and with more steps so that it has work left)
+    again = run_cli(["caloexp.train", "resume=auto", f"hydra.run.dir={job_dir}", *TINY, "trainer.max_steps=8"],
+                    cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     b = torch.load(job_dir / "checkpoints/last.ckpt", weights_only=True)
     assert b["state"]["step"] == 8 and b["run_id"] == a["run_id"]
