@@ -94,7 +94,7 @@ def contract(wrapper: ExportedGenerator, spec: Mapping[str, Any], fmt: str, sour
     }
 
 
-def _example(wrapper: ExportedGenerator, spec: Mapping[str, Any], n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _example(wrapper: ExportedGenerator, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Noise and physical conditions for tracing and checking (energies log-uniform over the trained range)."""
     g = torch.Generator().manual_seed(seed)
     noise = wrapper.gen.sampler.draw_noise(n, g, torch.device("cpu"), torch.float32)
@@ -102,11 +102,10 @@ def _example(wrapper: ExportedGenerator, spec: Mapping[str, Any], n: int, seed: 
     for name, d in zip(wrapper.gen.cond_names, wrapper.cond_dims):
         step = wrapper.gen.transform.cond_steps[name]
         lo_hi = getattr(step, "lo_hi", None)
-        if step.name == "log_scale" and lo_hi is not None:
+        u = torch.rand(n, d, generator=g, dtype=torch.float64)
+        if step.name in ("log_scale", "linear") and lo_hi is not None:
             lo, hi = lo_hi[0].double(), lo_hi[1].double()
-            cols.append(10 ** (lo + (hi - lo) * torch.rand(n, d, generator=g, dtype=torch.float64)))
-        elif step.name == "linear" and lo_hi is not None:
-            cols.append(lo_hi[0].double() + (lo_hi[1] - lo_hi[0]).double() * torch.rand(n, d, generator=g, dtype=torch.float64))
+            cols.append(10 ** (lo + (hi - lo) * u) if step.name == "log_scale" else lo + (hi - lo) * u)
         elif step.name == "one_hot":
             cols.append(torch.randint(0, step.out_dim, (n, 1), generator=g).double())
         else:
@@ -183,7 +182,7 @@ def export(source: str, fmt: str = "onnx", out: str | Path | None = None, tracki
     gen, spec = sampling.load(str(source), tracking_uri, "cpu")
     options = dict(sampler or {})
     wrapper = ExportedGenerator(gen, options).eval()
-    example = _example(wrapper, spec, int(batch), seed)
+    example = _example(wrapper, int(batch), seed)
     try:
         with torch.no_grad():
             wrapper(*example)  # bad sampler options fail here, with caloexp's own message
@@ -197,7 +196,7 @@ def export(source: str, fmt: str = "onnx", out: str | Path | None = None, tracki
     else:
         _write_torchscript(wrapper, example, out, meta)
     if check:
-        noise, cond = _example(wrapper, spec, int(batch) + 3, seed + 1)
+        noise, cond = _example(wrapper, int(batch) + 3, seed + 1)
         with torch.no_grad():
             want = wrapper(noise, cond).numpy()
         got = run_exported(out, noise.numpy(), cond.numpy())
@@ -231,7 +230,7 @@ def _log_to_run(source: str, tracking_uri: str | None, files: list[Path]) -> Non
         except InputError:
             info = None
         run_id = (info or {}).get("run_id")
-    if not run_id:
+    if not run_id or not tracking_uri:
         return
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient

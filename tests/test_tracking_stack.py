@@ -12,6 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -50,8 +51,8 @@ def stack():
     try:
         r = subprocess.run([str(SCRIPT), "start", str(root / "stack")], env=env, capture_output=True, text=True,
                            timeout=240)
-        assert r.returncode == 0, r.stdout + r.stderr + (root / "stack" / "mlflow.log").read_text()[-2000:] \
-            if (root / "stack" / "mlflow.log").exists() else r.stdout + r.stderr
+        server_log = root / "stack" / "mlflow.log"
+        assert r.returncode == 0, r.stdout + r.stderr + (server_log.read_text()[-2000:] if server_log.exists() else "")
         exports = dict(line.split(" ", 1)[1].split("=", 1) for line in r.stdout.splitlines()
                        if line.startswith("export "))
         yield root, exports
@@ -100,7 +101,7 @@ def test_two_worker_sweep_on_postgres_tracked_through_the_server(stack):
         assert run.info.artifact_uri.startswith("mlflow-artifacts:/")
         assert list((root / "stack" / "mlartifacts").glob(f"**/{run.info.run_id}/artifacts/config.yaml"))
         gen, spec = sampling.load(run.info.run_id, url)   # the generator, downloaded through the server
-        assert spec["kind"] == "calo" and gen(__import__("numpy").full(3, 1024.0)).shape == (3, 368)
+        assert spec["kind"] == "calo" and gen(np.full(3, 1024.0)).shape == (3, 368)
     # MLflow's runs are rows of the PostgreSQL database `mlflow`
     engine = sqlalchemy.create_engine(storage.rsplit("/", 1)[0] + "/mlflow")
     with engine.connect() as conn:
