@@ -26,6 +26,8 @@ class TrainerConfig:
     device: str = "auto"
     precision: str = "32"
     strategy: str = "auto"
+    nproc_per_node: Optional[int] = None
+    compile: bool = False
     num_threads: Optional[int] = None
     deterministic: bool = True
     gradient_clip_val: Optional[float] = None

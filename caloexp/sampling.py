@@ -55,8 +55,20 @@ class EventGenerator(nn.Module):
                 **options: Any) -> torch.Tensor:
         c = self._as_dict(cond)
         dtype = next(self.sampler.parameters()).dtype
-        x = self.sampler.sample(self.transform.condition(c).to(dtype), rng, **{**self.options, **options})
-        return self.transform.inverse(x, c).to(torch.float32)
+        if not hasattr(self.sampler, "draw_noise"):  # a sampler without the noise-explicit split
+            x = self.sampler.sample(self.transform.condition(c).to(dtype), rng, **{**self.options, **options})
+            return self.transform.inverse(x, c).to(torch.float32)
+        n = next(iter(c.values())).shape[0] if c else 0
+        return self.decode(self.sampler.draw_noise(n, rng, self.transform.device, dtype), c, **options)
+
+    def decode(self, noise: torch.Tensor, cond: Mapping[str, torch.Tensor], **options: Any) -> torch.Tensor:
+        """Physical events from given noise (the sampler's ``draw_noise``) and physical conditions.
+
+        The deterministic part of :meth:`forward`: what an exported generator computes
+        (:mod:`caloexp.export`)."""
+        dtype = noise.dtype
+        x = self.sampler.decode(noise, self.transform.condition(cond).to(dtype), **{**self.options, **options})
+        return self.transform.inverse(x, cond).to(torch.float32)
 
 
 @torch.no_grad()

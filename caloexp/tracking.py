@@ -57,6 +57,10 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def git_commit(path: str | Path | None = None) -> str | None:
+    """HEAD of the checkout; in an image without .git, the commit it was built from (CALOEXP_GIT_COMMIT)."""
+    built = os.environ.get("CALOEXP_GIT_COMMIT", "")
+    if built and built != "unknown":
+        return built
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=path or Path(__file__).parent, capture_output=True,
                               text=True, timeout=5, check=True).stdout.strip() or None

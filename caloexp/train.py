@@ -159,6 +159,9 @@ class _StopFlag:
 def train(cfg: DictConfig) -> float:
     """Train one model as configured; return the best ``trainer.monitor`` value (lower is better)."""
     ckpt, ckpt_path = None, None
+    if str(cfg.get("resume")) == "auto":  # a requeued cluster job: continue its own run directory if it has begun
+        own = Path(cfg.paths.output_dir) / "checkpoints" / checkpoint.LAST
+        cfg.resume = str(Path(cfg.paths.output_dir)) if own.is_file() else None
     if cfg.get("resume"):
         ckpt_path, ckpt = checkpoint.load_for_resume(str(cfg.resume), Path(cfg.paths.root_dir) / "outputs",
                                                      cfg.logger.tracking_uri)
@@ -179,6 +182,9 @@ def train(cfg: DictConfig) -> float:
     transform = data.fit_transform(model.output_range, rt.device)
     model.to(rt.device)
     model.prepare(data)
+    if tc.get("compile"):  # in place: parameter names (checkpoints, EMA, exports) stay as they are
+        for role in model.roles:
+            model.module_for(role).compile()
     rt.broadcast_module(model)
     model.rng = torch.Generator(rt.device).manual_seed(runtime.rank_seed(cfg.seed, rt.rank))
     optim = Optim(model, cfg.optimizer, cfg.scheduler, rt, tc.gradient_clip_val)
@@ -376,6 +382,10 @@ def state_for_export(model: GenerativeModel, transform, optim: Optim, spec: dict
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def hydra_main(cfg: DictConfig) -> float:
     with report_errors():
+        from caloexp import launch
+
+        if launch.wants_torchrun(cfg):  # trainer.nproc_per_node > 1: one process per GPU, started here
+            return launch.torchrun(cfg)
         return train(cfg)
 
 

@@ -228,12 +228,20 @@ class DataModule:
 
     @torch.no_grad()
     def _to_network(self, s: Sample) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        raw = {k: torch.as_tensor(v).to(self.device) for k, v in s.cond.items()}
-        x = self.transform(torch.as_tensor(s.x).to(self.device), raw)
+        raw = {k: self._to_device(v) for k, v in s.cond.items()}
+        x = self.transform(self._to_device(s.x), raw)
         if not torch.isfinite(x).all():
             raise ConfigError(f"data={self.name}: the transform {self.transform.spec()['steps']} gives non-finite "
                               "values on the training data (e.g. log of negative values: choose other steps)")
         return x, self.transform.condition(raw), raw
+
+    def _to_device(self, a: Any) -> torch.Tensor:
+        """Host data onto the device; on CUDA through page-locked memory, so the copy of a streamed buffer
+        (made in the prefetch thread) runs asynchronously instead of blocking on pageable memory."""
+        t = torch.as_tensor(a)
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
 
     # ---------------------------------------------------------------- shapes
     @property

@@ -33,7 +33,7 @@ Tensor = torch.Tensor
 
 def _bcast(c: Tensor, x: Tensor) -> Tensor:
     """A per-event value (N,) or (N, 1) shaped to broadcast over x's event dimensions."""
-    return c.reshape(len(c), *([1] * (x.dim() - 1))).to(x.dtype)
+    return c.reshape(c.shape[0], *([1] * (x.dim() - 1))).to(x.dtype)
 
 
 class Step(nn.Module):
@@ -285,7 +285,7 @@ class LayerEnergies(Step):
 
     def _layer_sums(self, x: Tensor) -> Tensor:
         idx = self.layer_of.to(x.device)
-        return torch.zeros(len(x), len(self.layers), dtype=x.dtype, device=x.device).index_add_(1, idx, x)
+        return torch.zeros(x.shape[0], len(self.layers), dtype=x.dtype, device=x.device).index_add_(1, idx, x)
 
     def forward(self, x, cond):
         e = cond[self.key].reshape(-1, 1).to(x.dtype)
@@ -311,7 +311,9 @@ class LayerEnergies(Step):
         f, g = y[:, :n_l], y[:, n_l:]
         etot = e * torch.exp(f[:, :1])
         r = ((torch.sigmoid(f[:, 1:]) - self.alpha_e) / (1 - 2 * self.alpha_e)).clamp(0, 1)
-        keep = torch.cumprod(torch.cat([torch.ones_like(r[:, :1]), 1 - r], 1), 1)   # prod_{j<l} (1 - r_j)
+        # 1 - r as sigmoid(-f): no cancellation where r is near 1 (float32 differences stay relative)
+        q = ((torch.sigmoid(-f[:, 1:]) - self.alpha_e) / (1 - 2 * self.alpha_e)).clamp(0, 1)
+        keep = _cumprod(torch.cat([torch.ones_like(r[:, :1]), q], 1))   # prod_{j<l} (1 - r_j)
         el = etot * keep * torch.cat([r, torch.ones_like(r[:, :1])], 1)
         idx = self.layer_of.to(y.device)
         if self.dequantise:
@@ -332,11 +334,22 @@ class LayerEnergies(Step):
             kept = torch.where(x >= self.threshold, x, torch.zeros_like(x))
             ksum = self._layer_sums(kept)[:, idx]
             # no voxel of the layer passes: the layer's energy goes to its hottest voxel(s)
-            lmax = torch.zeros_like(el).scatter_reduce(1, idx.expand(len(x), -1), x, "amax", include_self=False)
+            lmax = torch.full_like(el, -math.inf).scatter_reduce(1, idx.expand(x.shape[0], -1), x, "amax")
             top = (x == lmax[:, idx]).to(x.dtype)
             fallback = top * el[:, idx] / self._layer_sums(top)[:, idx].clamp_min(1.0)
             x = torch.where(ksum > 0, kept * (el[:, idx] / ksum.clamp_min(1e-300)), fallback)
         return x
+
+
+def _cumprod(v: Tensor) -> Tensor:
+    """torch.cumprod over the (few, fixed) columns, unrolled: the same float64 accumulation as torch's CPU
+    kernel, in ops every exporter (ONNX) supports."""
+    acc = v[:, :1].double()
+    out = [acc]
+    for i in range(1, v.shape[1]):
+        acc = acc * v[:, i:i + 1].double()
+        out.append(acc)
+    return torch.cat(out, 1).to(v.dtype)
 
 
 def _hash_uniform(key: Tensor, n: int) -> Tensor:
@@ -472,7 +485,7 @@ class LogScale(CondStep):
         self.lo_hi.copy_(torch.stack([torch.where(narrow, lo - 0.5, lo), torch.where(narrow, hi + 0.5, hi)]))
 
     def forward(self, c):
-        v = torch.log10(c.reshape(len(c), -1).to(self.lo_hi.dtype))
+        v = torch.log10(c.reshape(c.shape[0], -1).to(self.lo_hi.dtype))
         return (v - self.lo_hi[0]) / (self.lo_hi[1] - self.lo_hi[0])
 
 
@@ -488,7 +501,7 @@ class Linear(LogScale):
         self.lo_hi.copy_(torch.stack([torch.where(narrow, lo - 0.5, lo), torch.where(narrow, hi + 0.5, hi)]))
 
     def forward(self, c):
-        v = c.reshape(len(c), -1).to(self.lo_hi.dtype)
+        v = c.reshape(c.shape[0], -1).to(self.lo_hi.dtype)
         return (v - self.lo_hi[0]) / (self.lo_hi[1] - self.lo_hi[0])
 
 
@@ -508,7 +521,7 @@ class Standardise(CondStep):
         self.std.copy_(v.std(0).clamp_min(1e-12) if len(v) > 1 else torch.ones_like(self.std))
 
     def forward(self, c):
-        return (c.reshape(len(c), -1).to(self.mean.dtype) - self.mean) / self.std
+        return (c.reshape(c.shape[0], -1).to(self.mean.dtype) - self.mean) / self.std
 
 
 class OneHot(CondStep):
@@ -545,16 +558,17 @@ class OneHot(CondStep):
 
     def forward(self, c):
         v = c.reshape(-1).long()
-        if len(v) and (int(v.min()) < 0 or int(v.max()) >= self.out_dim):
+        traced = torch.jit.is_tracing() or getattr(torch.compiler, "is_exporting", lambda: False)()  # graphs: no check
+        if not traced and len(v) and (int(v.min()) < 0 or int(v.max()) >= self.out_dim):
             raise ConfigError(f"label out of range 0..{self.out_dim - 1}")
-        return torch.nn.functional.one_hot(v, self.out_dim).float()
+        return (v[:, None] == torch.arange(self.out_dim, device=v.device)).float()
 
 
 class Identity(CondStep):
     name = "identity"
 
     def forward(self, c):
-        return c.reshape(len(c), -1).float()
+        return c.reshape(c.shape[0], -1).float()
 
 
 COND_STEPS: dict[str, type[CondStep]] = {c.name: c for c in (LogScale, Linear, Standardise, OneHot, Identity)}
@@ -672,7 +686,7 @@ class Transform(nn.Module):
 
     def inverse(self, x: Tensor, cond: Mapping[str, Tensor]) -> Tensor:
         """Network space -> physical events, clamped at 0 for energies (``nonnegative``)."""
-        v = x.to(torch.float32).reshape(len(x), *self.net_shape)
+        v = x.to(torch.float32).reshape(x.shape[0], *self.net_shape)
         c = {k: t.to(v.device) for k, t in cond.items()}
         for step in reversed(self.steps):
             v = step.inverse(v, c)
@@ -685,8 +699,9 @@ class Transform(nn.Module):
             raise ConfigError(f"missing condition(s) {missing}; this model needs {self.cond_names}")
         parts = [step(torch.as_tensor(cond[k], device=self.device)).to(torch.float32)
                  for k, step in self.cond_steps.items()]
-        n = len(next(iter(cond.values()))) if cond else 0
-        return torch.cat(parts, dim=1) if parts else torch.zeros(n, 0, device=self.device)
+        if parts:
+            return torch.cat(parts, dim=1)
+        return torch.zeros(len(next(iter(cond.values()))) if cond else 0, 0, device=self.device)
 
     # numpy conveniences for I/O code
     def to_network(self, x: np.ndarray, cond: Mapping[str, np.ndarray]) -> np.ndarray:

@@ -87,11 +87,22 @@ class LatentSampler(nn.Module):
     def forward(self, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         return self.net(z, cond if self.conditional else cond[:, :0])
 
-    def sample(self, cond: torch.Tensor, rng: torch.Generator | None = None, **options: Any) -> torch.Tensor:
+    @property
+    def noise_dim(self) -> int:
+        return self.latent_dim
+
+    def draw_noise(self, n: int, rng: torch.Generator | None, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The (n, noise_dim) standard-normal input :meth:`decode` maps to events."""
+        return torch.randn(n, self.latent_dim, generator=rng, device=device, dtype=dtype)
+
+    def decode(self, noise: torch.Tensor, cond: torch.Tensor, **options: Any) -> torch.Tensor:
+        """Events from given noise: deterministic, so an exported graph takes the noise as an input."""
         if options:
             raise ConfigError(f"this sampler takes no options (got {sorted(options)})")
-        z = torch.randn(len(cond), self.latent_dim, generator=rng, device=cond.device, dtype=cond.dtype)
-        return self(z, cond)
+        return self(noise, cond)
+
+    def sample(self, cond: torch.Tensor, rng: torch.Generator | None = None, **options: Any) -> torch.Tensor:
+        return self.decode(self.draw_noise(cond.shape[0], rng, cond.device, cond.dtype), cond, **options)
 
 
 class AdversarialModel(GenerativeModel):

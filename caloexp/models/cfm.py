@@ -110,7 +110,7 @@ class TransformerVelocityNet(nn.Module):
         nn.init.zeros_(self.out[1].bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        n = len(x)
+        n = x.shape[0]
         xp = nn.functional.pad(x, (0, self.tokens * self.patch - self.dim)).reshape(n, self.tokens, self.patch)
         scale, shift = self.emb(torch.cat([self.temb(t), c], 1)).unsqueeze(1).chunk(2, 2)
         h = self.encoder((self.inp(xp) + self.pos) * (1 + scale) + shift)
@@ -148,7 +148,7 @@ def integrate(net: nn.Module, x: torch.Tensor, c: torch.Tensor, steps: int, solv
         return torchdiffeq.odeint(velocity, x, t, rtol=float(rtol), atol=float(atol), method="dopri5")[-1]
     h = 1.0 / int(steps)
     for i in range(int(steps)):
-        t = torch.full((len(x),), i * h, device=x.device, dtype=x.dtype)
+        t = torch.full_like(x[:, 0], i * h)   # follows x's batch size and device when traced
         if solver == "euler":
             x = x + h * net(x, t, c)
         elif solver == "midpoint":
@@ -163,28 +163,39 @@ def integrate(net: nn.Module, x: torch.Tensor, c: torch.Tensor, steps: int, solv
 
 
 class FlowSampler(nn.Module):
-    """Noise -> network-space events by ODE solves (the energy stage first when there is one)."""
+    """Noise -> network-space events by ODE solves (the energy stage first when there is one).
+
+    The noise is (N, data_dim): the energy stage's L columns first, then the shape stage's."""
 
     def __init__(self, model: "CFM"):
         super().__init__()
         self.model = model
 
-    def sample(self, cond: torch.Tensor, rng: torch.Generator | None = None, steps: int | None = None,
-               solver: str | None = None, energy_steps: int | None = None, rtol: float = 1e-4,
-               atol: float = 1e-4) -> torch.Tensor:
+    @property
+    def noise_dim(self) -> int:
+        return self.model.data_dim
+
+    def draw_noise(self, n: int, rng: torch.Generator | None, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        m = self.model
+        parts = [m.energy_dims, m.data_dim - m.energy_dims] if m.energy_dims else [m.data_dim]
+        return torch.cat([torch.randn(n, d, generator=rng, device=device, dtype=dtype) for d in parts], 1)
+
+    def decode(self, noise: torch.Tensor, cond: torch.Tensor, steps: int | None = None, solver: str | None = None,
+               energy_steps: int | None = None, rtol: float = 1e-4, atol: float = 1e-4) -> torch.Tensor:
+        """Events from given noise: a fixed number of solver steps (an exported graph unrolls them) or
+        the adaptive ``dopri5`` to ``rtol``/``atol``."""
         m = self.model
         steps, solver = int(steps or m.steps), str(solver or m.solver)
         solve = functools.partial(integrate, solver=solver, rtol=rtol, atol=atol)
-        n, L = len(cond), m.energy_dims
-
-        def noise(d: int) -> torch.Tensor:
-            return torch.randn(n, d, generator=rng, device=cond.device, dtype=cond.dtype)
-
+        n, L = noise.shape[0], m.energy_dims
         if not L:
-            return solve(m.flow, noise(m.data_dim), cond, steps).reshape(n, *m.data_shape)
-        f = solve(m.energy, noise(L), cond, int(energy_steps or steps))
-        g = solve(m.shape, noise(m.data_dim - L), torch.cat([cond, f], 1), steps)
+            return solve(m.flow, noise, cond, steps).reshape(n, *m.data_shape)
+        f = solve(m.energy, noise[:, :L], cond, int(energy_steps or steps))
+        g = solve(m.shape, noise[:, L:], torch.cat([cond, f], 1), steps)
         return torch.cat([f, g], 1).reshape(n, *m.data_shape)
+
+    def sample(self, cond: torch.Tensor, rng: torch.Generator | None = None, **options: Any) -> torch.Tensor:
+        return self.decode(self.draw_noise(cond.shape[0], rng, cond.device, cond.dtype), cond, **options)
 
 
 class CFM(GenerativeModel):

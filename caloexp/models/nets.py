@@ -92,7 +92,7 @@ class MLP(nn.Module):
         return OUTPUT_RANGES.get(self.out_activation)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        return self.net(_with_cond(x.reshape(len(x), -1), cond)).reshape(len(x), *self.out_shape)
+        return self.net(_with_cond(x.reshape(x.shape[0], -1), cond)).reshape(x.shape[0], *self.out_shape)
 
 
 def _spatial(shape: tuple[int, ...], dims: int | None) -> tuple[int, tuple[int, ...], int]:
@@ -155,9 +155,9 @@ class ConvGenerator(nn.Module):
         return OUTPUT_RANGES.get(self.out_activation)
 
     def forward(self, z: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        y = self.body(self.fc(_with_cond(z.reshape(len(z), -1), cond)).reshape(len(z), self.chans0, *self.base))
+        y = self.body(self.fc(_with_cond(z.reshape(z.shape[0], -1), cond)).reshape(z.shape[0], self.chans0, *self.base))
         crop = [slice(None), slice(None)] + [slice((g - s) // 2, (g - s) // 2 + s) for g, s in zip(y.shape[2:], self.size)]
-        return y[tuple(crop)].reshape(len(z), *self.out_shape)
+        return y[tuple(crop)].reshape(z.shape[0], *self.out_shape)
 
 
 class ConvCritic(nn.Module):
