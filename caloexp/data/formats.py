@@ -2,7 +2,8 @@
 
 A data module's ``writer_spec()`` (stored in every checkpoint) names the format and its options:
 ``calochallenge`` (``incident_energies``/``showers`` in MeV, what the official evaluator reads) or
-``arrays`` (the named datasets the events were read from, e.g. 3DGAN's ``ECAL``/``energy``/``theta``).
+``arrays`` (the named datasets the events were read from, e.g. 3DGAN's ``ECAL``/``energy``/``theta``)
+or ``root_table`` (a ROOT TTree, one branch per tabular variable plus ``label``).
 """
 from __future__ import annotations
 
@@ -25,4 +26,8 @@ def write(path: str | Path, sample: Sample, spec: Mapping[str, Any]) -> Path:
 
         return arrays.write(path, sample, x_key=spec.get("x_key", "x"), conditions=spec.get("conditions"),
                             columns=spec.get("columns"), kind=spec.get("kind"))
-    raise ConfigError(f"unknown output format {fmt!r}: choose calochallenge or arrays")
+    if fmt == "root_table":
+        from caloexp.data import root_table
+
+        return root_table.write(path, sample, columns=spec.get("columns"), tree=spec.get("tree", root_table.OUTPUT_TREE))
+    raise ConfigError(f"unknown output format {fmt!r}: choose calochallenge, arrays or root_table")

@@ -92,24 +92,40 @@ class EnergyFraction(Step):
 
 
 class Log(Step):
-    """log(x + eps); the inverse exp(v) - eps may dip slightly below 0 (clamped at the chain's end)."""
+    """log(x + eps); the inverse exp(v) - eps may dip slightly below 0 (clamped at the chain's end).
+
+    ``columns`` (tabular events (N, V)): only these columns (indices, or variable names the data module
+    resolves) are logged; the others, e.g. signed variables, pass unchanged.
+    """
 
     name = "log"
 
-    def __init__(self, event_shape, eps: float = 1e-7):
+    def __init__(self, event_shape, eps: float = 1e-7, columns: Sequence[int] | None = None):
         super().__init__(event_shape)
         if not eps > 0:
             raise ConfigError(f"transform step log: eps={eps} must be > 0")
         self.eps = float(eps)
+        self.columns = None if columns is None else [int(c) for c in columns]
+        if self.columns is not None:
+            if len(self.event_shape) != 1 or not all(0 <= c < self.event_shape[0] for c in self.columns):
+                raise ConfigError(f"transform step log: columns={self.columns} must index the {self.event_shape} "
+                                  "variables of a tabular event")
+            mask = torch.zeros(self.event_shape, dtype=torch.bool)
+            mask[self.columns] = True
+            self.register_buffer("mask", mask, persistent=False)
 
     def settings(self):
-        return {"eps": self.eps}
+        return {"eps": self.eps} if self.columns is None else {"eps": self.eps, "columns": list(self.columns)}
 
     def forward(self, x, cond):
-        return torch.log(x + self.eps)
+        if self.columns is None:
+            return torch.log(x + self.eps)
+        return torch.where(self.mask, torch.log(torch.where(self.mask, x, 1.0) + self.eps), x)
 
     def inverse(self, x, cond):
-        return torch.exp(x) - self.eps
+        if self.columns is None:
+            return torch.exp(x) - self.eps
+        return torch.where(self.mask, torch.exp(torch.where(self.mask, x, 0.0)) - self.eps, x)
 
 
 class Logit(Step):
