@@ -109,7 +109,8 @@ class Expression:
             self.source = _c_logic(self.text.strip())
             tree = ast.parse(self.source, mode="eval")
         except (SyntaxError, tokenize.TokenError) as exc:
-            raise ConfigError(f"{where}: expression {self.text!r} does not parse ({exc.msg})") from None
+            why = exc.msg if isinstance(exc, SyntaxError) else exc.args[0]
+            raise ConfigError(f"{where}: expression {self.text!r} does not parse ({why})") from None
         self.branches: list[str] = []
         self._check(tree.body)
         self.root = tree.body
@@ -400,8 +401,9 @@ def write(path: str | Path, sample: Sample, columns: Sequence[str] | None = None
                        ).astype(np.int32 if k == "label" else np.float32)
     tmp = path.with_name(path.name + ".part")
     try:
-        with uproot.recreate(tmp) as f:
-            f[tree] = branches
+        with uproot.recreate(tmp) as f:   # mktree: a TTree (assigning a dict would write an RNTuple)
+            f.mktree(tree, {k: v.dtype for k, v in branches.items()})
+            f[tree].extend(branches)
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -27,7 +27,8 @@ Classifiers (scikit-learn gradient-boosted trees, seeded, 50/50 train/test split
   events requested in class fractions r_j, the expected predicted fractions are e_k = sum_j r_j C[j, k];
   ``tab/class_fid/requested_<k>`` = r_k, ``tab/class_fid/generated_<k>`` = the measured fraction predicted
   as k, ``tab/class_fid/expected_<k>`` = e_k and ``tab/class_fid/max_dev`` = max_k |generated_k - e_k|
-  (0 when the generated classes are as recognisable as real ones).
+  (0 when the generated classes are as recognisable as real ones); ``tab/class_fid/recall_dev`` =
+  max_j |P(predicted j | requested j) - C[j, j]| (catches classes swapped at equal fractions).
 
 ``tab/mean`` = ``tab/sep_mean``; ``monitor/score`` = ``tab/sep_mean`` + ``tab/wd_mean``.
 
@@ -143,7 +144,11 @@ def class_fidelity(ref: np.ndarray, ref_lab: np.ndarray, gen: np.ndarray, gen_la
         else:
             conf[j, j] = 1.0
     expected = requested @ conf
-    generated = np.bincount(clf.predict(gen).astype(np.int64), minlength=n_classes)[:n_classes] / len(gen)
+    pred_gen = clf.predict(gen).astype(np.int64)
+    generated = np.bincount(pred_gen, minlength=n_classes)[:n_classes] / len(gen)
+    recall = [abs(float((pred_gen[gen_lab == j] == j).mean()) - conf[j, j]) for j in range(n_classes)
+              if (gen_lab == j).any()]
+    out["tab/class_fid/recall_dev"] = float(max(recall))
     for k in range(n_classes):
         out[f"tab/class_fid/requested_{k}"] = float(requested[k])
         out[f"tab/class_fid/generated_{k}"] = float(generated[k])
