@@ -95,10 +95,36 @@ def variable_metrics(ref: np.ndarray, gen: np.ndarray, prefix: str, per_variable
     return out
 
 
-def _boosted(seed: int):
-    from sklearn.ensemble import HistGradientBoostingClassifier
+class _Boosted:
+    """Gradient-boosted trees on one thread (OpenMP threads on a busy machine slow it by 100x)."""
 
-    return HistGradientBoostingClassifier(max_iter=100, learning_rate=0.1, max_leaf_nodes=15, random_state=seed)
+    def __init__(self, seed: int):
+        from sklearn.ensemble import HistGradientBoostingClassifier
+
+        self.clf = HistGradientBoostingClassifier(max_iter=100, learning_rate=0.1, max_leaf_nodes=15,
+                                                  random_state=seed)
+
+    def _one_thread(self):
+        from threadpoolctl import threadpool_limits
+
+        return threadpool_limits(limits=1)
+
+    def fit(self, x, y) -> "_Boosted":
+        with self._one_thread():
+            self.clf.fit(x, y)
+        return self
+
+    def predict(self, x):
+        with self._one_thread():
+            return self.clf.predict(x)
+
+    def predict_proba(self, x):
+        with self._one_thread():
+            return self.clf.predict_proba(x)
+
+
+def _boosted(seed: int) -> _Boosted:
+    return _Boosted(seed)
 
 
 def _subsample(n: int, cap: int, rng: np.random.Generator) -> np.ndarray:
