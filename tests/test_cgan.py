@@ -102,6 +102,23 @@ def test_bad_expression_stops_the_cli_in_one_line(tmp_path):
     assert r.stderr.strip().count("\n") == 0 and "data.selection" in r.stderr and "unknown function" in r.stderr
 
 
+def test_root_configs_compose_and_name_their_toy():
+    from hydra import compose, initialize_config_dir
+
+    from caloexp.build import instantiate
+    from caloexp.cli import CONF_DIR
+    from caloexp.data.base import DataModule
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["data=dimuon_embedded", "model=cgan", "paths.data_dir=/nowhere"])
+        exp = compose("train", overrides=["+experiment=cgan_cms"])
+    dm = instantiate(cfg.data, "data", DataModule)
+    assert dm.kind == "tabular" and dm.columns == ["mu_pt", "mass", "met"] and dm.describe()["embedded_toy"]
+    assert dm.files == [Path("/nowhere") / "dimuon_toy_seed1234_n400000.root"]
+    assert exp.optimizer.nesterov and exp.optimizer.momentum == 0.8 and exp.scheduler.mode == "triangular2"
+    assert exp.trainer.gradient_clip_val > 0 and exp.model._target_.endswith("CGAN")
+
+
 def test_dimuon_toy_is_deterministic_and_b_tagged_class_differs(tmp_path):
     a = dimuon.write_root(tmp_path / "a.root", n_events=4000, seed=3)
     b = dimuon.write_root(tmp_path / "b.root", n_events=4000, seed=3)
