@@ -71,6 +71,16 @@ def conditions_from_file(path: str, names: list[str], keys: dict[str, str], n: i
     return out
 
 
+def class_labels(fractions: list[float], requested: Any, n: int, seed: int) -> np.ndarray:
+    """``n`` class labels: in the training data's class fractions, or ``labels=`` (fractions or one class)."""
+    frac = np.asarray(fractions if requested is None else
+                      ([float(k == int(requested)) for k in range(len(fractions))]
+                       if isinstance(requested, (int, float)) else list(requested)), dtype=np.float64)
+    if len(frac) != len(fractions) or (frac < 0).any() or not frac.sum() > 0:
+        raise ConfigError(f"labels={requested}: give a class 0..{len(fractions) - 1} or {len(fractions)} fractions")
+    return np.random.default_rng(seed).choice(len(frac), size=n, p=frac / frac.sum()).astype(np.float32)
+
+
 def generate(cfg: DictConfig) -> Path:
     device = runtime.pick_device(str(cfg.device))
     gen, spec = sampling.load(str(cfg.source), cfg.tracking_uri, device)
@@ -79,6 +89,8 @@ def generate(cfg: DictConfig) -> Path:
         raise ConfigError(f"n_showers={n}: must be >= 1")
     if cfg.conditions is not None:
         cond = conditions_from_file(str(cfg.conditions), gen.cond_names, spec["writer"].get("conditions") or {}, n)
+    elif gen.cond_names == ["label"] and spec["writer"].get("class_fractions") and n is not None:
+        cond = {"label": class_labels(spec["writer"]["class_fractions"], cfg.get("labels"), n, int(cfg.seed))}
     elif gen.cond_names == ["energy"]:
         cond = {"energy": incident_energies(cfg.energies, n, int(cfg.seed))}
     else:

@@ -118,12 +118,21 @@ def evaluate(cfg: DictConfig, gen: sampling.EventGenerator, data: DataModule, st
         out = plots_dir / f"step_{step:07d}"
         plots.plot_all(reference, fake, data.geometry, out, features=(ev.reference_features, ev.generated_features))
         tracker.log_artifacts(out, f"plots/step_{step:07d}")
+    elif plots_dir is not None and reference.kind == "tabular":
+        from caloexp.metrics import tabular
+
+        out = plots_dir / f"step_{step:07d}"
+        lab = lambda s: tabular._labels(s.cond, len(s))  # noqa: E731
+        tabular.plot_tabular(reference.x, lab(reference), fake.x, lab(fake), out, getattr(data, "columns", None))
+        tracker.log_artifacts(out, f"plots/step_{step:07d}")
     return result
 
 
 def physics_summary(result: dict[str, float], monitor: str) -> str:
     """One line a physicist reads at each evaluation."""
-    keys = [monitor] + [k for k in ("resp/max_mean_dev", "resp/max_width_ratio", "sep/mean") if k != monitor]
+    keys = [monitor] + [k for k in ("resp/max_mean_dev", "resp/max_width_ratio", "sep/mean", "tab/sep_mean_class",
+                                    "tab/corr_max_class", "tab/spearman_max_class", "tab/auc",
+                                    "tab/class_fid/max_dev") if k != monitor]
     parts = [f"{k} = {result[k]:.4g}" for k in keys if k in result]
     seps = sorted(((v, k) for k, v in result.items() if k.startswith("sep/") and k != "sep/mean"), reverse=True)[:3]
     if seps:

@@ -3,7 +3,8 @@
 A data module's ``writer_spec()`` (stored in every checkpoint) names the format and its options:
 ``calochallenge`` (``incident_energies``/``showers`` in MeV, what the official evaluator reads) or
 ``arrays`` (the named datasets the events were read from, e.g. 3DGAN's ``ECAL``/``energy``/``theta``)
-or ``zdc`` (``responses``/``particles``, :mod:`caloexp.data.zdc`).
+or ``zdc`` (``responses``/``particles``, :mod:`caloexp.data.zdc`), or ``root_table`` (a ROOT TTree, one
+branch per tabular variable plus ``label``).
 """
 from __future__ import annotations
 
@@ -30,4 +31,9 @@ def write(path: str | Path, sample: Sample, spec: Mapping[str, Any]) -> Path:
         from caloexp.data import zdc
 
         return zdc.write(path, sample)
-    raise ConfigError(f"unknown output format {fmt!r}: choose calochallenge, arrays or zdc")
+    if fmt == "root_table":
+        from caloexp.data import root_table
+
+        return root_table.write(path, sample, columns=spec.get("columns"),
+                                tree=spec.get("tree", root_table.OUTPUT_TREE))
+    raise ConfigError(f"unknown output format {fmt!r}: choose calochallenge, arrays, zdc or root_table")

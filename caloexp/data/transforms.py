@@ -92,24 +92,40 @@ class EnergyFraction(Step):
 
 
 class Log(Step):
-    """log(x + eps); the inverse exp(v) - eps may dip slightly below 0 (clamped at the chain's end)."""
+    """log(x + eps); the inverse exp(v) - eps may dip slightly below 0 (clamped at the chain's end).
+
+    ``columns`` (tabular events (N, V)): only these columns (indices, or variable names the data module
+    resolves) are logged; the others, e.g. signed variables, pass unchanged.
+    """
 
     name = "log"
 
-    def __init__(self, event_shape, eps: float = 1e-7):
+    def __init__(self, event_shape, eps: float = 1e-7, columns: Sequence[int] | None = None):
         super().__init__(event_shape)
         if not eps > 0:
             raise ConfigError(f"transform step log: eps={eps} must be > 0")
         self.eps = float(eps)
+        self.columns = None if columns is None else [int(c) for c in columns]
+        if self.columns is not None:
+            if len(self.event_shape) != 1 or not all(0 <= c < self.event_shape[0] for c in self.columns):
+                raise ConfigError(f"transform step log: columns={self.columns} must index the {self.event_shape} "
+                                  "variables of a tabular event")
+            mask = torch.zeros(self.event_shape, dtype=torch.bool)
+            mask[self.columns] = True
+            self.register_buffer("mask", mask, persistent=False)
 
     def settings(self):
-        return {"eps": self.eps}
+        return {"eps": self.eps} if self.columns is None else {"eps": self.eps, "columns": list(self.columns)}
 
     def forward(self, x, cond):
-        return torch.log(x + self.eps)
+        if self.columns is None:
+            return torch.log(x + self.eps)
+        return torch.where(self.mask, torch.log(torch.where(self.mask, x, 1.0) + self.eps), x)
 
     def inverse(self, x, cond):
-        return torch.exp(x) - self.eps
+        if self.columns is None:
+            return torch.exp(x) - self.eps
+        return torch.where(self.mask, torch.exp(torch.where(self.mask, x, 0.0)) - self.eps, x)
 
 
 class Logit(Step):
@@ -220,6 +236,58 @@ class Normalise(Step):
 
     def inverse(self, x, cond):
         return x * self.scale + self.shift
+
+
+class Quantile(Step):
+    """Per-column map onto a standard normal through the training data's quantiles (tabular variables).
+
+    ``knots`` quantiles x_i of each column at probabilities p_i (evenly spaced in (0, 1)) are joined to
+    z_i = Phi^-1(p_i) by straight lines, extended linearly beyond the end knots: a strictly increasing
+    piecewise-linear map, so the inverse is exact (the same lines read backwards) and any value, also
+    outside the training range, has an image. Sharp peaks and long tails become a Gaussian the network
+    learns easily; the network then only has to learn how the variables depend on each other.
+    """
+
+    name = "quantile"
+
+    def __init__(self, event_shape, knots: int = 512):
+        super().__init__(event_shape)
+        if len(self.event_shape) != 1:
+            raise ConfigError(f"transform step quantile: needs tabular events (N, V), got {self.event_shape}")
+        if knots < 3:
+            raise ConfigError(f"transform step quantile: knots={knots} must be >= 3")
+        self.knots = int(knots)
+        p = (torch.arange(self.knots, dtype=torch.float64) + 0.5) / self.knots
+        z = torch.special.ndtri(p)
+        self.register_buffer("z", z.float().expand(self.event_shape[0], -1).clone())
+        self.register_buffer("x", z.float().expand(self.event_shape[0], -1).clone())
+
+    def settings(self):
+        return {"knots": self.knots}
+
+    def fit(self, x, cond):
+        p = (torch.arange(self.knots, dtype=torch.float64) + 0.5) / self.knots
+        q = torch.quantile(x.to(torch.float64), p.to(x.device), dim=0).T          # (V, K)
+        span = (q[:, -1] - q[:, 0]).abs().clamp_min(1.0)
+        step = span[:, None] * 1e-6 / self.knots                                  # strictly increasing knots
+        q = torch.cummax(q + step * torch.arange(self.knots, device=q.device), dim=1).values
+        q = q + step * torch.arange(self.knots, device=q.device)
+        self.x.copy_(q.float())
+
+    @staticmethod
+    def _interp(v: Tensor, xs: Tensor, ys: Tensor) -> Tensor:
+        """Piecewise-linear y(v) per column through (xs, ys) (V, K), extended linearly at both ends."""
+        xs, ys = xs.to(v.dtype), ys.to(v.dtype)
+        idx = torch.searchsorted(xs.contiguous(), v.T.contiguous()).clamp(1, xs.shape[1] - 1)   # (V, N)
+        x0, x1 = xs.gather(1, idx - 1), xs.gather(1, idx)
+        y0, y1 = ys.gather(1, idx - 1), ys.gather(1, idx)
+        return (y0 + (v.T - x0) * (y1 - y0) / (x1 - x0)).T
+
+    def forward(self, x, cond):
+        return self._interp(x, self.x, self.z)
+
+    def inverse(self, x, cond):
+        return self._interp(x, self.z, self.x)
 
 
 class LayerEnergies(Step):
@@ -371,7 +439,7 @@ def _mix(h: Tensor) -> Tensor:
 
 
 STEPS: dict[str, type[Step]] = {c.name: c for c in (EnergyFraction, Log, Logit, Power, Scale, Normalise,
-                                                    LayerEnergies)}
+                                                    LayerEnergies, Quantile)}
 
 
 def calo_image_layout(layers: Sequence[Sequence[int]]) -> tuple[tuple[int, int], np.ndarray]:

@@ -1,19 +1,12 @@
-"""Generic metric groups for the kinds without a CaloChallenge geometry: ``tabular`` and ``cells``.
+"""Generic metric groups for the kinds without a CaloChallenge geometry: ``cells`` (and the binning ``tabular`` shares).
 
-Both histogram per-event scalars on a *common* binning built from the pooled reference and
+They histogram per-event scalars on a *common* binning built from the pooled reference and
 generated values (one bin per value when there are at most :data:`MAX_DISCRETE` distinct values,
 else 50 equal bins between the pooled 0.5 % and 99.5 % quantiles) with an underflow and an
 overflow bin, and report the separation power (:mod:`caloexp.metrics.separation`) normalised
 over all entries, so values far outside the bulk are counted, never dropped.
 
-``tabular`` (x: (N, V), any sign; optional ``label`` condition, (N,) or one-hot (N, K)):
-
-* ``tab/sep_<v>``, ``tab/wd_<v>`` (1D Wasserstein / reference std), ``tab/ks_<v>`` (KS statistic)
-  per variable ``v`` = ``x0``, ``x1``, ...; their means ``tab/sep_mean``, ``tab/wd_mean``, ``tab/ks_mean``;
-* ``tab/corr_max`` = max |rho_ref - rho_gen| over the Pearson correlation matrices (constant columns: rho 0);
-* per class present in both samples: ``tab/label_<k>/sep_mean``, ``.../wd_mean``, ``.../ks_mean``, ``.../corr_max``;
-* ``tab/mean`` = ``tab/sep_mean``; ``monitor/score`` = ``tab/sep_mean`` + ``tab/wd_mean`` (unbounded:
-  a scale that runs away cannot look better).
+``tabular`` lives in :mod:`caloexp.metrics.tabular` (it uses :func:`common_bins`).
 
 ``cells`` (grid (N, X, Y, Z) or image (N, H, W); a leading channel axis, (N, C, ...), is summed):
 
@@ -29,7 +22,6 @@ over all entries, so values far outside the bulk are counted, never dropped.
 from __future__ import annotations
 
 import numpy as np
-from scipy.stats import ks_2samp, wasserstein_distance
 
 from caloexp.metrics import response
 from caloexp.metrics.engine import Accumulator, Chunk, Context, MetricGroup, register
@@ -63,74 +55,12 @@ def separation_common(ref: np.ndarray, gen: np.ndarray) -> float:
     return separation_from_counts(counts_with_overflow(ref, b), counts_with_overflow(gen, b))
 
 
-# ------------------------------------------------------------------ tabular
-def _corr(x: np.ndarray) -> np.ndarray:
-    if x.shape[1] < 2 or len(x) < 2:
-        return np.zeros((x.shape[1], x.shape[1]))
-    sd = x.std(axis=0)
-    z = (x - x.mean(axis=0)) / np.where(sd > 0, sd, 1.0)
-    c = z.T @ z / len(x)
-    c[:, sd == 0] = 0.0
-    c[sd == 0, :] = 0.0
-    return c
-
-
-def _labels(cond: dict[str, np.ndarray], n: int) -> np.ndarray | None:
-    if "label" not in cond:
-        return None
-    lab = np.asarray(cond["label"]).reshape(n, -1)
-    return lab[:, 0] if lab.shape[1] == 1 else np.argmax(lab, axis=1)
-
-
-def tabular_metrics(ref: np.ndarray, gen: np.ndarray, prefix: str = "tab", per_variable: bool = True) -> dict[str, float]:
-    """Separation, scaled Wasserstein and KS per variable, their means and the max correlation difference."""
-    out: dict[str, float] = {}
-    seps, wds, kss = [], [], []
-    for j in range(ref.shape[1]):
-        r, g = ref[:, j], gen[:, j]
-        s = separation_common(r, g)
-        rf, gfin = r[np.isfinite(r)], g[np.isfinite(g)]
-        sd = float(np.std(rf)) if rf.size else 0.0
-        wd = float(wasserstein_distance(rf, gfin)) / (sd if sd > 0 else 1.0) if rf.size and gfin.size else 1e30
-        ks = float(ks_2samp(rf, gfin).statistic) if rf.size and gfin.size else 1.0
-        seps.append(s), wds.append(wd), kss.append(ks)
-        if per_variable:
-            out[f"{prefix}/sep_x{j}"], out[f"{prefix}/wd_x{j}"], out[f"{prefix}/ks_x{j}"] = s, wd, ks
-    out[f"{prefix}/sep_mean"] = float(np.mean(seps))
-    out[f"{prefix}/wd_mean"] = float(np.mean(wds))
-    out[f"{prefix}/ks_mean"] = float(np.mean(kss))
-    ok = np.isfinite(gen).all(axis=1)
-    out[f"{prefix}/corr_max"] = float(np.max(np.abs(_corr(ref) - _corr(gen[ok])), initial=0.0))
-    return out
-
-
 class _Collect(Accumulator):
-    """Collects per-event arrays of both samples (tabular rows, cell-sum statistics)."""
+    """Collects per-event arrays of both samples (cell-sum statistics)."""
 
     def __init__(self, ctx: Context):
         self.ctx = ctx
         self.parts: dict[str, list] = {"reference": [], "generated": []}
-
-
-class _Tabular(_Collect):
-    def add(self, which: str, chunk: Chunk) -> None:
-        lab = _labels(chunk.cond, len(chunk))
-        self.parts[which].append((np.asarray(chunk.x, np.float64).reshape(len(chunk), -1), lab))
-
-    def result(self, rf, gf) -> dict[str, float]:
-        (rx, rl), (gx, gl) = ((np.concatenate([p[0] for p in parts]),
-                               None if parts[0][1] is None else np.concatenate([p[1] for p in parts]))
-                              for parts in (self.parts["reference"], self.parts["generated"]))
-        out = tabular_metrics(rx, gx)
-        if rl is not None and gl is not None:
-            for k in np.unique(rl):
-                mr, mg = rl == k, gl == k
-                if mr.sum() >= 2 and mg.sum() >= 2:
-                    lab = str(int(k)) if float(k).is_integer() else str(k)
-                    out.update(tabular_metrics(rx[mr], gx[mg], prefix=f"tab/label_{lab}", per_variable=False))
-        out["tab/mean"] = out["tab/sep_mean"]
-        out["monitor/score"] = out["tab/sep_mean"] + out["tab/wd_mean"]
-        return out
 
 
 # -------------------------------------------------------------------- cells
@@ -223,9 +153,7 @@ class _Cells(_Collect):
         return out
 
 
-register(MetricGroup("tabular", ("tabular",), _Tabular,
-                     "tab/* per-variable separation, Wasserstein, KS, correlations (per label), monitor/score"))
 register(MetricGroup("cells", ("grid", "image"), _Cells,
                      "cells/* total, centroid, width, occupancy, spectrum separations; resp/*; monitor/score"))
 
-__all__ = ["cell_statistics", "common_bins", "separation_common", "tabular_metrics"]
+__all__ = ["cell_statistics", "common_bins", "separation_common"]

@@ -2,7 +2,7 @@
 
 calo (CaloChallenge geometry): ``separation`` (also ``resp/*`` and ``monitor/score``), ``images``,
 ``wasserstein``, ``classifier``, ``fpd_kpd``, ``shapes3d``, ``projections``; grid and image: ``cells``; tabular:
-``tabular`` (see :mod:`caloexp.metrics.generic`). Every kind's default groups compute
+``tabular`` (see :mod:`caloexp.metrics.tabular`). Every kind's default groups compute
 ``monitor/score``, the default training monitor.
 """
 from __future__ import annotations
@@ -145,7 +145,7 @@ register(MetricGroup("classifier", CALO, _Classifier, "cls/auc_*, cls/jsd_* of t
 register(MetricGroup("fpd_kpd", CALO, lambda c: _FromFeatures(c, _fpd_kpd), "fpd, kpd on the 30 high-level features"))
 register(MetricGroup("shapes3d", CALO, _Shapes, "shapes/* 3DGAN-style shower shapes"))
 
-from caloexp.metrics import generic  # noqa: E402  (registers tabular and cells)
+from caloexp.metrics import generic, tabular  # noqa: E402  (register cells and tabular)
 from caloexp.metrics import projections  # noqa: E402,F401  (registers projections: GAN_602's layer x r images)
 from caloexp.metrics import zdc  # noqa: E402,F401  (registers zdc, for image data)
 
@@ -155,4 +155,4 @@ ALL: tuple[str, ...] = FAST + ("classifier", "fpd_kpd", "shapes3d", "projections
 DEFAULT_GROUPS: dict[str, tuple[str, ...]] = {"calo": FAST, "grid": ("cells",), "image": ("cells",),
                                               "tabular": ("tabular",)}
 
-__all__ = ["ALL", "DEFAULT_GROUPS", "FAST", "generic"]
+__all__ = ["ALL", "DEFAULT_GROUPS", "FAST", "generic", "tabular"]
