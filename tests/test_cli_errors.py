@@ -24,7 +24,7 @@ def one_error_line(stderr: str) -> str:
 
 @pytest.mark.parametrize("override, expected", [
     ("foo=1", "unknown config key 'foo'"),
-    ("model=wgan", "Could not find 'model/wgan' (available: cfm, corrvae, gan, wgangp, wgangp_conv)"),
+    ("model=wgan", "Could not find 'model/wgan' (available: cfm, cfm_vit, cgan"),
     ("trainer.max_steps=abc", "could not be converted to Integer"),
     ("optimizer=adamax", "Could not find 'optimizer/adamax'"),
 ])
