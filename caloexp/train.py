@@ -127,6 +127,10 @@ def physics_summary(result: dict[str, float], monitor: str) -> str:
     seps = sorted(((v, k) for k, v in result.items() if k.startswith("sep/") and k != "sep/mean"), reverse=True)[:3]
     if seps:
         parts.append("worst: " + ", ".join(f"{k[4:]} {v:.3f}" for v, k in seps))
+    from caloexp.metrics import REGISTRY
+
+    headline = [k for g in REGISTRY.values() for k in g.headline if k in result and k not in keys]
+    parts += [f"{k} = {result[k]:.4g}" for k in headline]
     return "; ".join(parts)
 
 

@@ -1,9 +1,9 @@
 """The built-in metric groups, registered by name with the kinds they apply to.
 
 calo (CaloChallenge geometry): ``separation`` (also ``resp/*`` and ``monitor/score``), ``images``,
-``wasserstein``, ``classifier``, ``fpd_kpd``, ``shapes3d``; grid and image: ``cells``; tabular:
-``tabular`` (see :mod:`caloexp.metrics.generic`). Every kind's default groups compute
-``monitor/score``, the default training monitor.
+``wasserstein``, ``classifier``, ``fpd_kpd``, ``shapes3d``; grid: ``cells`` and ``grid``
+(:mod:`caloexp.metrics.grid`); image: ``cells``; tabular: ``tabular`` (see :mod:`caloexp.metrics.generic`).
+Every kind's default groups compute ``monitor/score``, the default training monitor.
 """
 from __future__ import annotations
 
@@ -145,12 +145,12 @@ register(MetricGroup("classifier", CALO, _Classifier, "cls/auc_*, cls/jsd_* of t
 register(MetricGroup("fpd_kpd", CALO, lambda c: _FromFeatures(c, _fpd_kpd), "fpd, kpd on the 30 high-level features"))
 register(MetricGroup("shapes3d", CALO, _Shapes, "shapes/* 3DGAN-style shower shapes"))
 
-from caloexp.metrics import generic  # noqa: E402  (registers tabular and cells)
+from caloexp.metrics import generic, grid  # noqa: E402  (registers tabular, cells and grid)
 
 FAST: tuple[str, ...] = ("separation", "images", "wasserstein")
 ALL: tuple[str, ...] = FAST + ("classifier", "fpd_kpd", "shapes3d")
 #: Groups used when none are named, per kind; each computes ``monitor/score``.
-DEFAULT_GROUPS: dict[str, tuple[str, ...]] = {"calo": FAST, "grid": ("cells",), "image": ("cells",),
+DEFAULT_GROUPS: dict[str, tuple[str, ...]] = {"calo": FAST, "grid": ("cells", "grid"), "image": ("cells",),
                                               "tabular": ("tabular",)}
 
-__all__ = ["ALL", "DEFAULT_GROUPS", "FAST", "generic"]
+__all__ = ["ALL", "DEFAULT_GROUPS", "FAST", "generic", "grid"]
