@@ -117,6 +117,12 @@ def evaluate(cfg: DictConfig, gen: sampling.EventGenerator, data: DataModule, st
         out = plots_dir / f"step_{step:07d}"
         plots.plot_all(reference, fake, data.geometry, out, features=(ev.reference_features, ev.generated_features))
         tracker.log_artifacts(out, f"plots/step_{step:07d}")
+    elif plots_dir is not None and reference.kind == "grid":
+        from caloexp import plots
+
+        out = plots_dir / f"step_{step:07d}"
+        plots.plot_grid(reference, fake, out)
+        tracker.log_artifacts(out, f"plots/step_{step:07d}")
     return result
 
 

@@ -60,7 +60,7 @@ def test_sampling_fraction_and_peak_layer_criteria():
     assert same["grid/sf_within_5pct"] == 1.0 and same["grid/sf_max_dev"] < 0.02
     assert same["grid/peak_layer_ref"] == same["grid/peak_layer_gen"] == 3 and same["grid/peak_layer_within_1"] == 1
     off = metrics.evaluate(ref, showers(600, rng, scale=1.1, shift=2), groups=["grid"])
-    for label in ("10-50", "100-200", "400+"):
+    for label in ("10-50", "100-200", "400-inf"):
         assert off[f"grid/sf_ratio_e{label}"] == pytest.approx(1.1, abs=0.01)
     assert off["grid/sf_within_5pct"] == 0.0 and off["grid/sf_max_dev"] == pytest.approx(0.1, abs=0.01)
     assert off["grid/peak_layer_gen"] == 5 and off["grid/peak_layer_dev"] == 2 and off["grid/peak_layer_within_1"] == 0

@@ -12,7 +12,7 @@ cell-energy spectrum (log bins 1e-6 .. 1e4 GeV, under/overflow counted). Metrics
   ``m2_z``, ``angle_res``), ``sep_profile_<axis>`` of the mean profiles, ``sep_spectrum``, and
   ``sep_mean`` their mean; ``e<bin>/sep_mean`` and ``a<bin>/sep_mean`` within energy / angle bins;
 * ``sf_ratio_e<bin>`` = mean S/E generated / reference per energy bin (GeV: 0-10, 10-50, 50-100,
-  100-200, ..., 400+), ``sf_max_dev`` = max |ratio - 1| and ``sf_within_5pct`` (1 or 0);
+  100-200, ..., 400-inf), ``sf_max_dev`` = max |ratio - 1| and ``sf_within_5pct`` (1 or 0);
   ``sf_ratio_a<bin>`` and ``sf_angle_max_dev`` per 10-degree angle bin;
 * ``peak_layer_ref``, ``peak_layer_gen`` (argmax of the mean longitudinal profile), ``peak_layer_dev``
   = |difference|, ``peak_layer_within_1`` (1 or 0), ``peak_layer_max_dev`` over the energy bins;
@@ -112,7 +112,7 @@ def event_features(x: np.ndarray, energy: np.ndarray, theta: np.ndarray | None,
 
 def energy_bins() -> list[tuple[str, float, float]]:
     lab = lambda v: str(int(v))  # noqa: E731
-    return [(f"{lab(lo)}-{lab(hi)}" if math.isfinite(hi) else f"{lab(lo)}+", lo, hi)
+    return [(f"{lab(lo)}-{lab(hi)}" if math.isfinite(hi) else f"{lab(lo)}-inf", lo, hi)   # MLflow-safe names
             for lo, hi in zip(E_EDGES_GEV[:-1], E_EDGES_GEV[1:])]
 
 

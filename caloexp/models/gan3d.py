@@ -154,11 +154,12 @@ class Gan3D(AdversarialModel):
                  count_limits: Sequence[float] = COUNT_LIMITS, count_softness: float = 0.1,
                  energy_key: str = "energy", angle_key: str = "theta", **kwargs):
         kwargs.setdefault("n_aux", 1)
+        shape = tuple(args[0] if args else kwargs.get("data_shape", ()))
+        if len(shape) != 3:
+            raise ConfigError(f"model=gan3d needs 3D grid data (x, y, layer); the data has shape {shape}")
         super().__init__(*args, **kwargs)
         if self.n_aux < 1:
             raise ConfigError("model.n_aux must be >= 1 for gan3d (the energy regression head)")
-        if len(self.data_shape) != 3:
-            raise ConfigError(f"model=gan3d needs 3D grid data (x, y, layer); the data has shape {self.data_shape}")
         if not power > 0 or not scale or not math.isfinite(scale):
             raise ConfigError(f"model.power={power}, model.scale={scale}: need power > 0 and a finite scale != 0")
         if not 0.0 <= label_flip < 0.5:
