@@ -44,7 +44,7 @@ def test_groups_have_the_expected_options():
                          list(itertools.product(options("model"), options("optimizer"), options("scheduler"))))
 def test_model_optimizer_scheduler_build(model, optimizer, scheduler, tmp_path):
     cfg = compose_cfg([f"model={model}", f"optimizer={optimizer}", f"scheduler={scheduler}"], tmp_path)
-    shape = {"wgangp_conv": (6, 12, 12), "cfm": (373,)}.get(model, (368,))   # conv: a grid; cfm: layer features
+    shape = {"wgangp_conv": (6, 12, 12), "cfm": (373,), "gan3d": (12, 12, 6)}.get(model, (368,))   # conv: a grid; cfm: layer features
     net = instantiate(cfg.model, data_shape=shape, cond_dim=1)
     for role in net.roles:
         opt = build_optimizer(cfg.optimizer, role, net.roles, net.parameters_for(role))
@@ -53,7 +53,7 @@ def test_model_optimizer_scheduler_build(model, optimizer, scheduler, tmp_path):
         assert (sched is None) == (scheduler == "none")
 
 
-@pytest.mark.parametrize("data", [d for d in options("data") if d != "arrays"])
+@pytest.mark.parametrize("data", [d for d in options("data") if d not in ("arrays", "ecal", "ecal_embedded")])
 def test_data_configs_compose(data, tmp_path):
     cfg = compose_cfg([f"data={data}"], tmp_path)
     dm = safe_instantiate(cfg.data, "data", DataModule)

@@ -160,3 +160,24 @@ def test_embedded_grid_simulator_is_deterministic_and_physical(tmp_path):
     assert ee.ensure_embedded(tmp_path, 20, 5) == path and path.stat().st_mtime_ns == mtime   # cached
     s = EcalFiles([path]).read(0, 20)
     np.testing.assert_array_equal(s.x, ee.simulate(20, seed=5)[0])
+
+
+def test_ecal_configs_compose_and_name_their_problems(tmp_path):
+    from test_configs import compose_cfg
+
+    from caloexp.build import instantiate
+    from caloexp.data.base import DataModule
+    from caloexp.errors import ConfigError
+
+    dm = instantiate(compose_cfg(["model=gan3d", "data=ecal_embedded"], tmp_path).data, "data", DataModule)
+    assert dm.kind == "grid" and dm.source_kind == "embedded" and dm.transform_cfg["steps"][0] == {"step": "power", "p": 0.85}
+    assert dm.writer_spec() == {"format": "arrays", "x_key": "ECAL", "conditions": {"energy": "energy", "theta": "theta"},
+                                "kind": "grid"}
+    dm = instantiate(compose_cfg(["data=ecal", "data.files=[f.h5]"], tmp_path).data, "data", DataModule)
+    with pytest.raises(InputError, match=r"data/f.h5: file not found"):
+        dm.prepare()
+    with pytest.raises(ConfigError, match=r"data=ecal: no files listed"):
+        instantiate(compose_cfg(["data=ecal", "data.files=[]"], tmp_path).data, "data", DataModule)
+    with pytest.raises(ConfigError, match=r"data.fixed_theta=200: must be in \(0, 180\) degrees"):
+        instantiate(compose_cfg(["data=ecal", "data.files=[f.h5]", "data.fixed_theta=200"], tmp_path).data, "data",
+                    DataModule)

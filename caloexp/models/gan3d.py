@@ -54,10 +54,10 @@ class Gan3DGenerator(nn.Module):
     def __init__(self, in_shape: int | Sequence[int], out_shape: Sequence[int], cond_dim: int = 0,
                  channels: Sequence[int] = (16, 8, 4), kernels: Sequence[int] = (4, 4, 2),
                  activation: str = "leaky_relu", norm: bool = True, out_activation: str = "relu",
-                 out_bias: float = -1.0):
+                 out_bias: float = -1.0, width: float = 1.0):
         super().__init__()
         self.size = _grid_shape(out_shape)
-        chans = [int(c) for c in channels]
+        chans = [max(1, round(float(c) * width)) for c in channels]  # width: one number for sweeps
         kernels = [int(k) for k in kernels]
         if not chans or min(chans) < 1:
             raise ConfigError(f"model.generator.channels={list(channels)}: need at least one channel count >= 1")
@@ -93,8 +93,10 @@ class Gan3DDiscriminator(nn.Module):
 
     def __init__(self, in_shape: Sequence[int], out_shape: int | Sequence[int], cond_dim: int = 0,
                  channels: Sequence[int] = (4, 8, 16), kernels: Sequence[int] = (2, 4, 4),
-                 activation: str = "leaky_relu", dropout: float = 0.2, use_condition: bool = False):
+                 activation: str = "leaky_relu", dropout: float = 0.2, use_condition: bool = False,
+                 width: float = 1.0):
         super().__init__()
+        channels = [max(1, round(float(c) * width)) for c in channels]  # width: one number for sweeps
         size = _grid_shape(in_shape)
         if not 0.0 <= dropout < 1.0:
             raise ConfigError(f"model.critic.dropout={dropout}: must be in [0, 1)")
