@@ -16,7 +16,7 @@ from caloexp.data.sample import Batch, Sample
 from caloexp.errors import ConfigError
 from caloexp.models.gan3d import Gan3D, Gan3DDiscriminator, Gan3DGenerator, mape, soft_counts
 
-from conftest import run_cli, train_twice_and_resume
+from conftest import run_cli
 
 
 def small(shape=(12, 12, 6), **kw) -> Gan3D:
@@ -74,12 +74,23 @@ def test_losses_have_every_term_with_the_original_weights():
 
 @pytest.mark.slow
 def test_gan3d_trains_resumes_generates_and_evaluates(tmp_path):
-    args = ["caloexp.train", "model=gan3d", "data=ecal_embedded", "data.n_showers=80", "data.batch_size=8",
-            "data.val_fraction=0.5", "data.eval_events=40", "model.latent_dim=16", "model.generator.channels=[4,2,2]",
+    args = ["caloexp.train", "model=gan3d", "data=ecal_embedded", "data.n_showers=60", "data.batch_size=8",
+            "data.val_fraction=0.5", "data.eval_events=30", "model.latent_dim=16", "model.generator.channels=[4,2,2]",
             "model.critic.channels=[2,4,4]", "trainer.log_every=2", "trainer.eval_every=4",
-            "trainer.checkpoint_every=2", "trainer.num_threads=1", "trainer.plot_every=1"]
-    sa, _ = train_twice_and_resume(args, tmp_path, 4)
-    assert sa["spec"]["kind"] == "grid"
+            "trainer.checkpoint_every=2", "trainer.num_threads=1"]
+    # A: 4 steps with plots; B: 2 steps, then resumed to 4 (plots off: they cost time and touch no state)
+    a = run_cli(args + ["trainer.max_steps=4", f"hydra.run.dir={tmp_path}/A", "trainer.plot_every=1"], cwd=tmp_path)
+    assert a.returncode == 0, a.stderr[-3000:]
+    assert "grid/sf_max_dev = " in a.stdout + a.stderr and "grid/peak_layer_dev = " in a.stdout + a.stderr
+    b = run_cli(args + ["trainer.max_steps=2", f"hydra.run.dir={tmp_path}/B", "trainer.plot_every=0"], cwd=tmp_path)
+    assert b.returncode == 0, b.stderr[-3000:]
+    b2 = run_cli(["caloexp.train", f"resume={tmp_path}/B", "trainer.max_steps=4"], cwd=tmp_path)
+    assert b2.returncode == 0, b2.stderr[-3000:]
+    sa = torch.load(tmp_path / "A/checkpoints/last.ckpt", weights_only=True)
+    sb = torch.load(tmp_path / "B/checkpoints/last.ckpt", weights_only=True)
+    assert sa["state"]["step"] == sb["state"]["step"] == 4 and sa["spec"]["kind"] == "grid"
+    for k in sa["model"]:
+        assert torch.equal(sa["model"][k], sb["model"][k]), k
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     run = client.get_run(sa["run_id"])
@@ -93,17 +104,17 @@ def test_gan3d_trains_resumes_generates_and_evaluates(tmp_path):
         a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(sa["run_id"], arts[-1])}
 
     # generation at the conditions of a 3DGAN-layout file (here the cached embedded data), in that layout
-    cond_file = next((tmp_path / "data").glob("ecal_embedded_n80_*.h5"))
+    cond_file = next((tmp_path / "data").glob("ecal_embedded_n60_*.h5"))
     out = tmp_path / "gen.h5"
     g = run_cli(["caloexp.generate", f"source={sa['run_id']}", f"conditions={cond_file}", "n_showers=null",
                  f"output={out}"], cwd=tmp_path)
     assert g.returncode == 0, g.stderr[-3000:]
     with h5py.File(out) as f, h5py.File(cond_file) as c:
-        assert f["ECAL"].shape == (80, 51, 51, 25) and (f["ECAL"][:] >= 0).all()
+        assert f["ECAL"].shape == (60, 51, 51, 25) and (f["ECAL"][:] >= 0).all()
         np.testing.assert_array_equal(f["energy"][:], c["energy"][:])
         np.testing.assert_array_equal(f["theta"][:], c["theta"][:])
         ref = Sample(c["ECAL"][:], {"energy": c["energy"][:], "theta": c["theta"][:]}, "grid")
-        gen = EcalFiles([out]).read(0, 80)                      # the reader takes generated files as they are
+        gen = EcalFiles([out]).read(0, 60)                      # the reader takes generated files as they are
     res = metrics.evaluate(ref, gen, groups=None)
     same = metrics.evaluate(ref, ref, groups=None)
     assert same["grid/sf_max_dev"] == 0 and same["grid/peak_layer_dev"] == 0

@@ -186,7 +186,8 @@ class EcalDataModule(DataModule):
     """3DGAN ECAL showers (``kind: grid``): the embedded grid simulator or the user's HDF5 files."""
 
     kind = "grid"
-    default_transform = {"steps": [{"step": "power", "p": 0.85}, {"step": "scale", "factor": 1.0}],
+    default_transform = {"steps": [{"step": "energy_fraction"}, {"step": "power", "p": 0.85},
+                                   {"step": "scale", "factor": 100.0}],
                          "conditions": {"energy": {"step": "linear"}, "theta": {"step": "linear"}},
                          "nonnegative": True}
 

@@ -10,9 +10,10 @@ units (network cells undone: (x / scale)^(1 / power)):
 * the measured incident angle (energy-weighted slope of the per-layer barycentre in y against the
   layer index, weighted by depth), compared with the requested angle (mean absolute error, rad);
 * the ECAL sum, compared with the sum of the real shower of the same conditions (MAPE, %);
-* the counts of cells in 8 bins of cell energy (original limits 0.05, 0.03, 0.02, 0.0125, 0.008,
-  0.003, > 0, = 0; in network units), compared with the real shower's (MAPE, %). The original's
-  hard counts have no gradient; here they are sigmoid-smoothed (``count_softness``).
+* the counts of cells in 8 bins of cell energy (limits 0.05, 0.03, 0.02, 0.0125, 0.008, 0.003 GeV,
+  > 0, = 0, applied to cells^power as the original), compared with the real shower's (MAPE, %). As in
+  the original the counts are hard, so the term is monitored but gives no gradient;
+  ``count_softness > 0`` smooths the bin edges with linear ramps so that it trains.
 
 Losses with the original weights (``loss_weights``: real/fake 3, energy 0.1, angle 25, ECAL sum 0.1,
 bin counts 0.1) and units (Keras' MAPE is in percent; energy targets E / 100 GeV). The discriminator
@@ -20,7 +21,11 @@ minimises 3 x BCE on real and generated showers (labels flipped with probability
 the original's BitFlip) plus the energy regression on both; the generator minimises 3 x BCE(D(G), 1)
 plus all four auxiliary terms. Every term is logged (``aux/<term>/real|fake``).
 
-``power`` and ``scale`` must be the data transform's (``power`` step p, ``scale`` factor): they undo it.
+``energy_fraction``, ``power`` and ``scale`` must be the data transform's (an ``energy_fraction`` step,
+the ``power`` step's p, the ``scale`` factor): they undo it to get GeV cells. The default transform
+divides by the primary energy first (the original fed E / 100 to a generator whose output had to
+carry the energy scale itself; with cells as energy fractions the ECAL-sum term starts near its
+target at every energy and a short run learns it).
 """
 from __future__ import annotations
 
@@ -151,9 +156,9 @@ def mape(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 class Gan3D(AdversarialModel):
     """The 3DGAN training objective on :class:`Gan3DGenerator` / :class:`Gan3DDiscriminator` (module doc)."""
 
-    def __init__(self, *args, power: float = 0.85, scale: float = 1.0, energy_scale: float = 100.0,
-                 loss_weights: dict | None = None, label_flip: float = 0.05,
-                 count_limits: Sequence[float] = COUNT_LIMITS, count_softness: float = 0.1,
+    def __init__(self, *args, power: float = 0.85, scale: float = 1.0, energy_fraction: bool = False,
+                 energy_scale: float = 100.0, loss_weights: dict | None = None, label_flip: float = 0.05,
+                 count_limits: Sequence[float] = COUNT_LIMITS, count_softness: float = 0.0,
                  energy_key: str = "energy", angle_key: str = "theta", **kwargs):
         kwargs.setdefault("n_aux", 1)
         shape = tuple(args[0] if args else kwargs.get("data_shape", ()))
@@ -177,15 +182,18 @@ class Gan3D(AdversarialModel):
         lim = sorted((float(v) for v in count_limits), reverse=True)
         if not lim or lim[-1] <= 0:
             raise ConfigError(f"model.count_limits={list(count_limits)}: need positive limits")
-        # limits in network units, as the original applies them to the powered image
-        self.register_buffer("count_limits", torch.tensor(lim, dtype=torch.float32) ** self.power * self.scale,
-                             persistent=False)
+        # on the powered GeV cells, as the original counts them
+        self.register_buffer("count_limits", torch.tensor(lim, dtype=torch.float32) ** self.power, persistent=False)
+        self.energy_fraction = bool(energy_fraction)
         self.count_softness = float(count_softness)
         self.energy_key, self.angle_key = energy_key, angle_key
 
-    def physical(self, x: torch.Tensor) -> torch.Tensor:
-        """Network cells -> physical cells (the inverse of the data's power/scale steps)."""
-        return (x / self.scale).clamp_min(0.0) ** (1.0 / self.power)
+    def physical(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Network cells -> GeV cells (the inverse of the data's energy_fraction/power/scale steps)."""
+        cells = (x / self.scale).clamp_min(0.0) ** (1.0 / self.power)
+        if self.energy_fraction:
+            cells = cells * batch.raw[self.energy_key].reshape(-1, 1, 1, 1).to(cells.dtype)
+        return cells
 
     def _labels(self, like: torch.Tensor, value: float) -> torch.Tensor:
         y = torch.full_like(like, value)
@@ -214,15 +222,15 @@ class Gan3D(AdversarialModel):
     def aux_loss(self, out, batch: Batch, x, real: bool):
         w = self.loss_weights
         e = mape(out[:, 1], self._energy_target(batch))
-        cells = self.physical(x)
+        cells = self.physical(x, batch)
         ang = (measured_angle(cells) - batch.raw[self.angle_key].reshape(-1).to(cells.dtype)).abs().mean()
         logs = {"aux/energy": e.detach(), "aux/angle": ang.detach()}
         if real:  # angle, sum and counts have no discriminator weights: only the energy head learns here
             return w["energy"] * e, logs
-        real_cells = self.physical(batch.x)
+        real_cells = self.physical(batch.x, batch)
         ecal = mape(cells.sum(dim=(1, 2, 3)), real_cells.sum(dim=(1, 2, 3)))
         with torch.no_grad():
-            target = soft_counts(batch.x, self.count_limits, self.count_softness).clamp_min(1.0)
-        counts = mape(soft_counts(x, self.count_limits, self.count_softness), target)
+            target = soft_counts(real_cells ** self.power, self.count_limits, self.count_softness).clamp_min(1.0)
+        counts = mape(soft_counts(cells ** self.power, self.count_limits, self.count_softness), target)
         logs.update({"aux/ecal": ecal.detach(), "aux/counts": counts.detach()})
         return w["energy"] * e + w["angle"] * ang + w["ecal"] * ecal + w["counts"] * counts, logs
