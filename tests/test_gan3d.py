@@ -72,6 +72,14 @@ def test_losses_have_every_term_with_the_original_weights():
         small(shape=(368,))
 
 
+def test_every_cell_reaches_the_discriminator():
+    # 51 x 51 x 25 is odd along every axis: the last layer and column must still be seen
+    d = Gan3DDiscriminator((51, 51, 25), 2, 0, dropout=0.0)
+    x = torch.zeros(2, 51, 51, 25, requires_grad=True)
+    d(x)[:, 0].sum().backward()
+    assert (x.grad[0, :, :, 24].abs() > 0).all() and (x.grad[0, 50].abs() > 0).all() and (x.grad[0, :, 50].abs() > 0).all()
+
+
 @pytest.mark.slow
 def test_gan3d_trains_resumes_generates_and_evaluates(tmp_path):
     args = ["caloexp.train", "model=gan3d", "data=ecal_embedded", "data.n_showers=60", "data.batch_size=8",

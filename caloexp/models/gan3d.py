@@ -107,6 +107,12 @@ class Gan3DDiscriminator(nn.Module):
             raise ConfigError(f"model.critic.dropout={dropout}: must be in [0, 1)")
         if len(kernels) != len(channels) or any(int(k) not in (2, 4) for k in kernels):
             raise ConfigError(f"model.critic.kernels={list(kernels)}: one kernel (2 or 4) per entry of channels")
+        # zero-pad each axis at its end to a multiple of 2^len(channels): every cell (e.g. the 25th layer,
+        # the 51st column) reaches the heads; a strided conv would otherwise drop the odd last one
+        k = 2 ** len(channels)
+        padded = tuple(-(-s // k) * k for s in size)
+        self.pad = tuple(p for s, q in zip(reversed(size), reversed(padded)) for p in (0, q - s))
+        size = padded
         layers: list[nn.Module] = []
         c_in = 1
         for c, kern in zip(channels, kernels):  # each halves the grid
@@ -122,7 +128,7 @@ class Gan3DDiscriminator(nn.Module):
         self.head = nn.Linear(c_in * math.prod(size) + (int(cond_dim) if use_condition else 0), n_out)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.body(x.unsqueeze(1)).reshape(len(x), -1)
+        h = self.body(F.pad(x.unsqueeze(1), self.pad)).reshape(len(x), -1)
         if self.use_condition and cond is not None and cond.shape[1]:
             h = torch.cat([h, cond.to(h.dtype)], dim=1)
         return self.head(h)
