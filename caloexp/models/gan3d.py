@@ -57,7 +57,7 @@ class Gan3DGenerator(nn.Module):
     """(latent, condition) -> dense -> (channels[0], coarse grid) -> transposed convs x2 -> (X, Y, Z) cells >= 0."""
 
     def __init__(self, in_shape: int | Sequence[int], out_shape: Sequence[int], cond_dim: int = 0,
-                 channels: Sequence[int] = (16, 8, 4), kernels: Sequence[int] = (4, 4, 2),
+                 channels: Sequence[int] = (16, 8, 4), kernels: Sequence[int] = (4, 4, 4),
                  activation: str = "leaky_relu", norm: bool = True, out_activation: str = "relu",
                  out_bias: float = -1.0, width: float = 1.0):
         super().__init__()
@@ -97,7 +97,7 @@ class Gan3DDiscriminator(nn.Module):
     """(X, Y, Z) cells -> strided 3D convs -> linear -> (real/fake logit, auxiliary regressions)."""
 
     def __init__(self, in_shape: Sequence[int], out_shape: int | Sequence[int], cond_dim: int = 0,
-                 channels: Sequence[int] = (4, 8, 16), kernels: Sequence[int] = (2, 4, 4),
+                 channels: Sequence[int] = (4, 8, 16), kernels: Sequence[int] = (4, 4, 4),
                  activation: str = "leaky_relu", dropout: float = 0.2, use_condition: bool = False,
                  width: float = 1.0):
         super().__init__()
