@@ -1,7 +1,8 @@
 """3DGAN (Khattak et al., EPJC 82 (2022) 386; svalleco/3Dgan ``Anglegan``): an auxiliary-classifier GAN on 3D grids.
 
 Generator: latent noise with the (energy, angle) condition vector -> a dense layer -> a coarse 3D
-grid -> transposed 3D convolutions (x2 each) -> ReLU cells, centre-cropped to the event shape.
+grid -> x2 stages (nearest upsampling + 3D conv as the original, or transposed 3D convs) -> ReLU
+cells, centre-cropped to the event shape.
 Discriminator: strided 3D convolutions -> one linear layer with two outputs: the real/fake logit
 and the primary-energy regression (the auxiliary head, ``n_aux = 1``). As in the original, the
 other auxiliary quantities are *computed from the image* inside the discriminator, in physical
@@ -57,7 +58,7 @@ class Gan3DGenerator(nn.Module):
     """(latent, condition) -> dense -> (channels[0], coarse grid) -> transposed convs x2 -> (X, Y, Z) cells >= 0."""
 
     def __init__(self, in_shape: int | Sequence[int], out_shape: Sequence[int], cond_dim: int = 0,
-                 channels: Sequence[int] = (16, 8, 4), kernels: Sequence[int] = (4, 4, 4),
+                 channels: Sequence[int] = (16, 8, 4), kernels: Sequence[int] = (3, 3, 3),
                  activation: str = "leaky_relu", norm: bool = True, out_activation: str = "relu",
                  out_bias: float = -1.0, width: float = 1.0):
         super().__init__()
@@ -66,15 +67,18 @@ class Gan3DGenerator(nn.Module):
         kernels = [int(k) for k in kernels]
         if not chans or min(chans) < 1:
             raise ConfigError(f"model.generator.channels={list(channels)}: need at least one channel count >= 1")
-        if len(kernels) != len(chans) or any(k not in (2, 4) for k in kernels):
-            raise ConfigError(f"model.generator.kernels={kernels}: one kernel (2 or 4) per entry of channels")
+        if len(kernels) != len(chans) or any(k not in (2, 3, 4) for k in kernels):
+            raise ConfigError(f"model.generator.kernels={kernels}: one kernel (2, 3 or 4) per entry of channels")
         k = len(chans)
         self.base = tuple(math.ceil(s / 2 ** k) for s in self.size)
         n_in = (int(in_shape) if isinstance(in_shape, int) else math.prod(in_shape)) + int(cond_dim)
         self.fc = nn.Linear(n_in, chans[0] * math.prod(self.base))
         layers: list[nn.Module] = [nn.BatchNorm3d(chans[0]) if norm else nn.Identity(), make_activation(activation)]
         for c_in, c_out, kern in zip(chans, chans[1:] + [1], kernels):  # each doubles the grid
-            layers.append(nn.ConvTranspose3d(c_in, c_out, kern, stride=2, padding=(kern - 2) // 2))
+            if kern == 3:  # nearest x2 then a 3^3 conv (as the original): no phase-dependent (periodic) artefacts
+                layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv3d(c_in, c_out, 3, padding=1)]
+            else:          # transposed conv, kernel 2 or 4
+                layers.append(nn.ConvTranspose3d(c_in, c_out, kern, stride=2, padding=(kern - 2) // 2))
             if c_out != 1:
                 layers += [nn.BatchNorm3d(c_out) if norm else nn.Identity(), make_activation(activation)]
         # a negative initial bias: at the start only a few percent of the cells are on (a shower's
