@@ -1,7 +1,7 @@
 """Throughput of a model family on embedded data (photons by default; any data=): generation and training.
 
     python benchmarks/bench_model.py [--device cpu|cuda] [--batch 10000] [overrides, e.g. model=wgangp]
-    python benchmarks/bench_model.py --batch 200 --n-showers 400 model=gan3d data=ecal_embedded   (3DGAN grid)
+    python benchmarks/bench_model.py --batch 100 --n-showers 200 model=gan3d data=ecal_embedded   (3DGAN grid)
 
 Prints showers/s and ms per shower for generation (batch 10,000, the CaloChallenge
 timing batch) and for training steps, peak memory, and each figure as a fraction of

@@ -170,7 +170,7 @@ def test_ecal_configs_compose_and_name_their_problems(tmp_path):
     from caloexp.errors import ConfigError
 
     dm = instantiate(compose_cfg(["model=gan3d", "data=ecal_embedded"], tmp_path).data, "data", DataModule)
-    assert dm.kind == "grid" and dm.source_kind == "embedded" and dm.transform_cfg["steps"][0] == {"step": "power", "p": 0.85}
+    assert dm.kind == "grid" and dm.source_kind == "embedded" and dm.transform_cfg["steps"][1] == {"step": "power", "p": 0.85}
     assert dm.writer_spec() == {"format": "arrays", "x_key": "ECAL", "conditions": {"energy": "energy", "theta": "theta"},
                                 "kind": "grid"}
     dm = instantiate(compose_cfg(["data=ecal", "data.files=[f.h5]"], tmp_path).data, "data", DataModule)
