@@ -144,9 +144,8 @@ def ensure_embedded(data_dir: str | Path, n_showers: int = 2000, seed: int = 123
     try:
         arrays.write(tmp, Sample(x, {"energy": e, "theta": theta}, "grid"), x_key="ECAL", kind="grid",
                      compression="lzf")
-        import h5py as _h5
 
-        with _h5.File(tmp, "a") as f:
+        with h5py.File(tmp, "a") as f:
             f.attrs.update({k: v for k, v in PARAMS.items()})
             f.attrs["note"] = "parametric stand-in for the 3DGAN variable-angle ECAL electrons, not real data"
         os.replace(tmp, path)
