@@ -706,3 +706,81 @@ def plot_all(reference: Showers, generated: Showers, geometry: Geometry, outdir:
             paths.append(plot_shower_3d(Showers(ref_e, ref_x), Showers(gen_e, gen_x), geometry,
                                         out / "shower_3d.png", n=max_3d))
     return paths
+
+
+# ----------------------------------------------------------------- 3D grids
+def _profile_panel(fig: plt.Figure, spec, ref: np.ndarray, gen: np.ndarray, x: np.ndarray, xlabel: str,
+                   ylabel: str, title: str) -> None:
+    """Two curves (reference, generated) over their generated/reference ratio."""
+    sub = spec.subgridspec(2, 1, height_ratios=(3, 1.3), hspace=0.0)
+    ax, rax = fig.add_subplot(sub[0]), fig.add_subplot(sub[1])
+    ax.plot(x, ref, drawstyle="steps-mid", **REF_STYLE)
+    ax.plot(x, gen, drawstyle="steps-mid", **GEN_STYLE)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.where(ref > 0, gen / ref, np.nan)
+    draw_ratio(rax, x, r, np.zeros_like(r))
+    ax.set_title(title, fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.tick_params(labelbottom=False)
+    rax.set_xlabel(xlabel)
+    rax.set_ylabel("gen/ref")
+
+
+def _binned_mean(key: np.ndarray, value: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    idx = np.clip(np.searchsorted(edges, key, side="right") - 1, 0, len(edges) - 2)
+    n = np.bincount(idx, minlength=len(edges) - 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.bincount(idx, weights=value, minlength=len(edges) - 1) / n
+
+
+def plot_grid(reference, generated, out_dir: str | Path) -> list[Path]:
+    """3D-grid plots (kind ``grid``, :mod:`caloexp.metrics.grid`): shower shapes and per-event features with
+    ratio panels, sampling fraction vs energy and vs angle, mean x-y, x-z, y-z projections."""
+    from caloexp.metrics.grid import FEATURES, event_features
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    f = {w: event_features(s.x, s.cond["energy"], s.cond.get("theta"))
+         for w, s in (("ref", reference), ("gen", generated))}
+    paths = []
+    labels = {"sf": "sum / E", "hits": "cells > 1e-4 GeV", "angle_res": "measured - requested angle [deg]"}
+    panels = [(k, histogram_pair(f["ref"][k], f["gen"][k]), None) for k in FEATURES]
+    paths.append(_histogram_figure(out / "grid_features.png", panels, "value"))
+    fig = plt.figure(figsize=(13, 8))
+    gs = fig.add_gridspec(2, 3, hspace=0.4, wspace=0.35)
+    for i, a in enumerate("xyz"):
+        n = f["ref"][f"profile_{a}"].shape[1]
+        _profile_panel(fig, gs[0, i], f["ref"][f"profile_{a}"].mean(0), f["gen"][f"profile_{a}"].mean(0),
+                       np.arange(n), "layer" if a == "z" else f"{a} cell", "mean energy fraction",
+                       "longitudinal profile" if a == "z" else f"transverse profile ({a})")
+    e_edges = np.array([0, 10, 50, 100, 200, 300, 400, 500.0])
+    a_edges = np.arange(60, 121, 10.0)
+    for j, (key, edges, xlabel) in enumerate((("energy", e_edges, "primary energy [GeV]"),
+                                              ("theta_deg", a_edges, "incident angle [deg]"))):
+        mids = 0.5 * (edges[1:] + edges[:-1])
+        _profile_panel(fig, gs[1, j], _binned_mean(f["ref"][key], f["ref"]["sf"], edges),
+                       _binned_mean(f["gen"][key], f["gen"]["sf"], edges), mids, xlabel, "mean sum / E",
+                       f"sampling fraction vs {xlabel.split(' [')[0]}")
+    ax = fig.add_subplot(gs[1, 2])
+    for w, style in (("ref", REF_STYLE), ("gen", GEN_STYLE)):
+        ax.plot(f[w]["theta_deg"], f[w]["theta_deg"] + f[w]["angle_res"], "o", markersize=2,
+                color=style.get("color", "k"), alpha=0.5, label=style.get("label"))
+    ax.set_xlabel("requested angle [deg]")
+    ax.set_ylabel("measured angle [deg]")
+    ax.set_title("measured vs requested angle", fontsize=8)
+    ax.legend(fontsize=7)
+    paths.append(_save(fig, out / "grid_profiles.png"))
+    fig, axes = plt.subplots(3, 3, figsize=(11, 10))
+    for i, (axis, name) in enumerate(((3, "x-y"), (2, "x-z"), (1, "y-z"))):
+        mr, mg = (np.asarray(s.x, np.float64).mean(0).sum(axis - 1) for s in (reference, generated))
+        vmax = max(mr.max(), mg.max(), 1e-12)
+        norm = LogNorm(vmin=vmax * 1e-5, vmax=vmax)
+        for j, (img, title) in enumerate(((mr, "reference"), (mg, "generated"))):
+            axes[i, j].imshow(np.where(img > 0, img, np.nan).T, origin="lower", norm=norm, aspect="auto")
+            axes[i, j].set_title(f"mean {name} projection, {title}", fontsize=8)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            lr = np.log10(ratio_image(mr, mg))
+        axes[i, 2].imshow(np.clip(lr, -1, 1).T, origin="lower", cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
+        axes[i, 2].set_title(f"{name}: log10(generated / reference), clipped to +-1", fontsize=8)
+    paths.append(_save(fig, out / "grid_projections.png"))
+    return paths

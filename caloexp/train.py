@@ -112,18 +112,18 @@ def evaluate(cfg: DictConfig, gen: sampling.EventGenerator, data: DataModule, st
     result = dict(ev.metrics)
     result["perf/eval_s"] = time.perf_counter() - t0
     tracker.log_metrics(result, step)
-    if plots_dir is not None and reference.kind == "calo":
+    if plots_dir is not None and reference.kind in ("calo", "tabular", "grid"):   # the kinds with plots
         from caloexp import plots
-
-        out = plots_dir / f"step_{step:07d}"
-        plots.plot_all(reference, fake, data.geometry, out, features=(ev.reference_features, ev.generated_features))
-        tracker.log_artifacts(out, f"plots/step_{step:07d}")
-    elif plots_dir is not None and reference.kind == "tabular":
         from caloexp.metrics import tabular
 
         out = plots_dir / f"step_{step:07d}"
-        lab = lambda s: tabular._labels(s.cond, len(s))  # noqa: E731
-        tabular.plot_tabular(reference.x, lab(reference), fake.x, lab(fake), out, getattr(data, "columns", None))
+        if reference.kind == "calo":
+            plots.plot_all(reference, fake, data.geometry, out, features=(ev.reference_features, ev.generated_features))
+        elif reference.kind == "tabular":
+            lab = lambda s: tabular._labels(s.cond, len(s))  # noqa: E731
+            tabular.plot_tabular(reference.x, lab(reference), fake.x, lab(fake), out, getattr(data, "columns", None))
+        else:
+            plots.plot_grid(reference, fake, out)
         tracker.log_artifacts(out, f"plots/step_{step:07d}")
     return result
 
@@ -137,6 +137,10 @@ def physics_summary(result: dict[str, float], monitor: str) -> str:
     seps = sorted(((v, k) for k, v in result.items() if k.startswith("sep/") and k != "sep/mean"), reverse=True)[:3]
     if seps:
         parts.append("worst: " + ", ".join(f"{k[4:]} {v:.3f}" for v, k in seps))
+    from caloexp.metrics import REGISTRY
+
+    headline = [k for g in REGISTRY.values() for k in g.headline if k in result and k not in keys]
+    parts += [f"{k} = {result[k]:.4g}" for k in headline]
     return "; ".join(parts)
 
 

@@ -46,7 +46,8 @@ def test_groups_have_the_expected_options():
 def test_model_optimizer_scheduler_build(model, optimizer, scheduler, tmp_path):
     cfg = compose_cfg([f"model={model}", f"optimizer={optimizer}", f"scheduler={scheduler}"], tmp_path)
     # conv: a grid; gan2d: the ds1-photon image view; cfm: layer features; corrvae: ZDC images
-    shape = {"wgangp_conv": (6, 12, 12), "gan2d": (23, 19), "cfm": (373,), "corrvae": (1, 44, 44)}.get(model, (368,))
+    shape = {"wgangp_conv": (6, 12, 12), "gan2d": (23, 19), "cfm": (373,), "corrvae": (1, 44, 44),
+             "gan3d": (12, 12, 6)}.get(model, (368,))
     net = instantiate(cfg.model, data_shape=shape, cond_dim=1)
     for role in net.roles:
         opt = build_optimizer(cfg.optimizer, role, net.roles, net.parameters_for(role))

@@ -78,6 +78,7 @@ class MetricGroup:
     kinds: tuple[str, ...]
     make: Callable[[Context], Accumulator]
     summary: str = ""
+    headline: tuple[str, ...] = ()  # metric names printed in the training log's one-line summary
 
 
 @dataclass

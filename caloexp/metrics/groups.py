@@ -1,9 +1,9 @@
 """The built-in metric groups, registered by name with the kinds they apply to.
 
 calo (CaloChallenge geometry): ``separation`` (also ``resp/*`` and ``monitor/score``), ``images``,
-``wasserstein``, ``classifier``, ``fpd_kpd``, ``shapes3d``, ``projections``; grid and image: ``cells``; tabular:
-``tabular`` (see :mod:`caloexp.metrics.tabular`). Every kind's default groups compute
-``monitor/score``, the default training monitor.
+``wasserstein``, ``classifier``, ``fpd_kpd``, ``shapes3d``, ``projections``; grid: ``cells`` and ``grid``
+(:mod:`caloexp.metrics.grid`); image: ``cells``, ``zdc``; tabular: ``tabular`` (see :mod:`caloexp.metrics.tabular`).
+Every kind's default groups compute ``monitor/score``, the default training monitor.
 """
 from __future__ import annotations
 
@@ -145,14 +145,14 @@ register(MetricGroup("classifier", CALO, _Classifier, "cls/auc_*, cls/jsd_* of t
 register(MetricGroup("fpd_kpd", CALO, lambda c: _FromFeatures(c, _fpd_kpd), "fpd, kpd on the 30 high-level features"))
 register(MetricGroup("shapes3d", CALO, _Shapes, "shapes/* 3DGAN-style shower shapes"))
 
-from caloexp.metrics import generic, tabular  # noqa: E402  (register cells and tabular)
+from caloexp.metrics import generic, grid, tabular  # noqa: E402  (register cells, grid and tabular)
 from caloexp.metrics import projections  # noqa: E402,F401  (registers projections: GAN_602's layer x r images)
 from caloexp.metrics import zdc  # noqa: E402,F401  (registers zdc, for image data)
 
 FAST: tuple[str, ...] = ("separation", "images", "wasserstein")
 ALL: tuple[str, ...] = FAST + ("classifier", "fpd_kpd", "shapes3d", "projections")
 #: Groups used when none are named, per kind; each computes ``monitor/score``.
-DEFAULT_GROUPS: dict[str, tuple[str, ...]] = {"calo": FAST, "grid": ("cells",), "image": ("cells",),
+DEFAULT_GROUPS: dict[str, tuple[str, ...]] = {"calo": FAST, "grid": ("cells", "grid"), "image": ("cells",),
                                               "tabular": ("tabular",)}
 
-__all__ = ["ALL", "DEFAULT_GROUPS", "FAST", "generic", "tabular"]
+__all__ = ["ALL", "DEFAULT_GROUPS", "FAST", "generic", "grid", "tabular"]

@@ -1,0 +1,129 @@
+"""3DGAN (caloexp/models/gan3d.py): its auxiliary terms on toy inputs, and a few-step train -> resume (bit-exact)
+-> generate (3DGAN HDF5) -> evaluate run on the embedded ECAL grid."""
+from __future__ import annotations
+
+import math
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from caloexp import metrics
+from caloexp.data.ecal import EcalFiles
+from caloexp.data.sample import Batch, Sample
+from caloexp.errors import ConfigError
+from caloexp.models.gan3d import Gan3D, Gan3DDiscriminator, Gan3DGenerator, mape, soft_counts
+
+from conftest import run_cli
+
+
+def small(shape=(12, 12, 6), **kw) -> Gan3D:
+    gen = lambda **a: Gan3DGenerator(**a, channels=[4, 2], kernels=[4, 2])          # noqa: E731
+    crit = lambda **a: Gan3DDiscriminator(**a, channels=[2, 4], kernels=[2, 4], dropout=0.0)  # noqa: E731
+    m = Gan3D(shape, 2, gen, crit, latent_dim=8, **kw)
+    m.rng = torch.Generator().manual_seed(0)
+    return m
+
+
+def test_bin_counts_match_the_original_bins():
+    lim = torch.tensor([0.05, 0.03, 0.02, 0.0125, 0.008, 0.003])
+    x = torch.tensor([[0.0, 0.001, 0.004, 0.01, 0.015, 0.025, 0.04, 0.1, 0.2, 0.0]])
+    # > 0.05: 2, (0.03, 0.05]: 1, (0.02, 0.03]: 1, (0.0125, 0.02]: 1, (0.008, 0.0125]: 1, (0.003, 0.008]: 1,
+    # (0, 0.003]: 1, = 0: 2
+    np.testing.assert_array_equal(soft_counts(x, lim, 0.0).numpy(), [[2, 1, 1, 1, 1, 1, 1, 2]])
+    soft = soft_counts(x.requires_grad_(), lim, 0.1)
+    assert soft.sum().item() == pytest.approx(10.0)             # every cell is counted once
+    soft[:, 0].sum().backward()
+    assert x.grad.abs().sum() == 0                               # cells away from an edge: no gradient ...
+    y = torch.tensor([[0.05]], requires_grad=True)
+    soft_counts(y, lim, 0.1)[:, 0].sum().backward()
+    assert y.grad.item() > 0                                      # ... a cell at an edge moves the count
+    assert mape(torch.tensor([110.0, 90.0]), torch.tensor([100.0, 100.0])).item() == pytest.approx(10.0)
+
+
+def test_losses_have_every_term_with_the_original_weights():
+    m = small()
+    assert m.loss_weights == {"gan": 3.0, "energy": 0.1, "angle": 25.0, "ecal": 0.1, "counts": 0.1}
+    # cells in every bin of the counts, each at least 20 % away from a bin edge (GeV, then x^0.85)
+    vals = torch.tensor([0.1, 0.04, 0.025, 0.016, 0.01, 0.005, 0.001])
+    pick = torch.randint(0, 7, (4, 12, 12, 6), generator=torch.Generator().manual_seed(1))
+    x = torch.where(torch.rand(4, 12, 12, 6) < 0.3, vals[pick], torch.zeros(())) ** 0.85
+    batch = Batch(x, torch.rand(4, 2), {"energy": torch.tensor([10.0, 50.0, 100.0, 400.0]),
+                                        "theta": torch.full((4,), math.pi / 2)})
+    fake = m.generate(batch.cond)
+    assert fake.shape == (4, 12, 12, 6) and (fake >= 0).all()
+    out = m.criticise(fake, batch.cond)
+    assert out.shape == (4, 2)
+    loss, logs = m.aux_loss(out, batch, fake, real=False)
+    assert set(logs) == {"aux/energy", "aux/angle", "aux/ecal", "aux/counts"}
+    w = m.loss_weights
+    want = sum(w[k] * logs[f"aux/{k}"] for k in ("energy", "angle", "ecal", "counts"))
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+    _, real_logs = m.aux_loss(m.criticise(x, batch.cond), batch, x, real=True)
+    assert set(real_logs) == {"aux/energy", "aux/angle"}
+    # the ECAL-sum and bin-count terms vanish for generated showers equal to the real ones
+    _, same = m.aux_loss(out, batch, x, real=False)
+    assert same["aux/ecal"].item() == pytest.approx(0.0, abs=1e-4) and same["aux/counts"].item() < 1e-3
+    with pytest.raises(ConfigError, match=r"model.loss_weights: unknown term\(s\) \['angel'\]"):
+        small(loss_weights={"angel": 1.0})
+    with pytest.raises(ConfigError, match=r"model=gan3d needs 3D grid data"):
+        small(shape=(368,))
+
+
+def test_every_cell_reaches_the_discriminator():
+    # 51 x 51 x 25 is odd along every axis: the last layer and column must still be seen
+    d = Gan3DDiscriminator((51, 51, 25), 2, 0, dropout=0.0)
+    x = torch.zeros(2, 51, 51, 25, requires_grad=True)
+    d(x)[:, 0].sum().backward()
+    assert (x.grad[0, :, :, 24].abs() > 0).all() and (x.grad[0, 50].abs() > 0).all() and (x.grad[0, :, 50].abs() > 0).all()
+
+
+@pytest.mark.slow
+def test_gan3d_trains_resumes_generates_and_evaluates(tmp_path):
+    args = ["caloexp.train", "model=gan3d", "data=ecal_embedded", "data.n_showers=60", "data.batch_size=8",
+            "data.val_fraction=0.5", "data.eval_events=30", "model.latent_dim=16", "model.generator.channels=[4,2,2]",
+            "model.critic.channels=[2,4,4]", "trainer.log_every=2", "trainer.eval_every=4",
+            "trainer.checkpoint_every=2", "trainer.num_threads=1"]
+    # A: 4 steps with plots; B: 2 steps, then resumed to 4 (plots off: they cost time and touch no state)
+    a = run_cli(args + ["trainer.max_steps=4", f"hydra.run.dir={tmp_path}/A", "trainer.plot_every=1"], cwd=tmp_path)
+    assert a.returncode == 0, a.stderr[-3000:]
+    assert "grid/sf_max_dev = " in a.stdout + a.stderr and "grid/peak_layer_dev = " in a.stdout + a.stderr
+    b = run_cli(args + ["trainer.max_steps=2", f"hydra.run.dir={tmp_path}/B", "trainer.plot_every=0"], cwd=tmp_path)
+    assert b.returncode == 0, b.stderr[-3000:]
+    b2 = run_cli(["caloexp.train", f"resume={tmp_path}/B", "trainer.max_steps=4"], cwd=tmp_path)
+    assert b2.returncode == 0, b2.stderr[-3000:]
+    sa = torch.load(tmp_path / "A/checkpoints/last.ckpt", weights_only=True)
+    sb = torch.load(tmp_path / "B/checkpoints/last.ckpt", weights_only=True)
+    assert sa["state"]["step"] == sb["state"]["step"] == 4 and sa["spec"]["kind"] == "grid"
+    for k in sa["model"]:
+        assert torch.equal(sa["model"][k], sb["model"][k]), k
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.get_run(sa["run_id"])
+    m = run.data.metrics
+    for key in ("aux/energy/real", "aux/angle/real", "aux/energy/fake", "aux/angle/fake", "aux/ecal/fake",
+                "aux/counts/fake", "aux/energy/fake_critic", "grid/sf_max_dev", "grid/peak_layer_dev",
+                "grid/sep_mean", "monitor/score"):
+        assert key in m and np.isfinite(m[key]), key
+    arts = [a.path for a in client.list_artifacts(sa["run_id"], "plots")]
+    assert arts and {"grid_profiles.png", "grid_projections.png"} <= {
+        a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(sa["run_id"], arts[-1])}
+
+    # generation at the conditions of a 3DGAN-layout file (here the cached embedded data), in that layout
+    cond_file = next((tmp_path / "data").glob("ecal_embedded_n60_*.h5"))
+    out = tmp_path / "gen.h5"
+    g = run_cli(["caloexp.generate", f"source={sa['run_id']}", f"conditions={cond_file}", "n_showers=null",
+                 f"output={out}"], cwd=tmp_path)
+    assert g.returncode == 0, g.stderr[-3000:]
+    with h5py.File(out) as f, h5py.File(cond_file) as c:
+        assert f["ECAL"].shape == (60, 51, 51, 25) and (f["ECAL"][:] >= 0).all()
+        np.testing.assert_array_equal(f["energy"][:], c["energy"][:])
+        np.testing.assert_array_equal(f["theta"][:], c["theta"][:])
+        ref = Sample(c["ECAL"][:], {"energy": c["energy"][:], "theta": c["theta"][:]}, "grid")
+        gen = EcalFiles([out]).read(0, 60)                      # the reader takes generated files as they are
+    res = metrics.evaluate(ref, gen, groups=None)
+    same = metrics.evaluate(ref, ref, groups=None)
+    assert same["grid/sf_max_dev"] == 0 and same["grid/peak_layer_dev"] == 0
+    assert np.isfinite(res["grid/sf_max_dev"]) and res["monitor/score"] > same["monitor/score"]
