@@ -136,11 +136,11 @@ def generate(cfg: DictConfig) -> Path:
 def sampler_settings(gen: sampling.EventGenerator, spec: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
     """The sampler options a generation used: given ones, else the generator's, else the model config's.
 
-    Named from the sampler's ``sample`` signature (e.g. ``steps``, ``solver``); a sampler without
-    named options (a GAN's generator) is one network pass, recorded as ``steps: 1``.
+    Named from the signature of the sampler's ``decode`` (else ``sample``), e.g. ``steps``, ``solver``;
+    a sampler without named options (a GAN's generator) is one network pass, recorded as ``steps: 1``.
     """
-    params = inspect.signature(gen.sampler.sample).parameters
-    names = [n for n, p in params.items() if n not in ("cond", "rng") and p.kind is not p.VAR_KEYWORD]
+    params = inspect.signature(getattr(gen.sampler, "decode", gen.sampler.sample)).parameters
+    names = [n for n, p in params.items() if n not in ("cond", "rng", "noise") and p.kind is not p.VAR_KEYWORD]
     if not names:
         return {"steps": 1}
     model_cfg = spec.get("model") or {}

@@ -20,7 +20,7 @@ G = builtin("dataset_1_photons")
 def test_groups_declare_their_kinds():
     assert metrics.groups_for("calo") == list(metrics.ALL)
     assert metrics.groups_for("tabular") == ["tabular"]
-    assert metrics.groups_for("grid") == ["cells"] and metrics.groups_for("image") == ["cells", "zdc"]
+    assert metrics.groups_for("grid") == ["cells", "grid"] and metrics.groups_for("image") == ["cells", "zdc"]
     for kind, groups in metrics.DEFAULT_GROUPS.items():
         assert set(groups) <= set(metrics.groups_for(kind))
 

@@ -152,7 +152,7 @@ from caloexp.metrics import zdc  # noqa: E402,F401  (registers zdc, for image da
 FAST: tuple[str, ...] = ("separation", "images", "wasserstein")
 ALL: tuple[str, ...] = FAST + ("classifier", "fpd_kpd", "shapes3d", "projections")
 #: Groups used when none are named, per kind; each computes ``monitor/score``.
-DEFAULT_GROUPS: dict[str, tuple[str, ...]] = {"calo": FAST, "grid": ("cells", "grid"), "image": ("cells",),
+DEFAULT_GROUPS: dict[str, tuple[str, ...]] = {"calo": FAST, "grid": ("cells",), "image": ("cells",),
                                               "tabular": ("tabular",)}
 
 __all__ = ["ALL", "DEFAULT_GROUPS", "FAST", "generic", "grid", "tabular"]
