@@ -67,6 +67,9 @@ def test_sampling_fraction_and_peak_layer_criteria():
     assert off["grid/sep_m1_z"] > 0.9 and same["grid/sep_m1_z"] < 0.1
     assert off["grid/sep_profile_z"] > same["grid/sep_profile_z"]
     assert same["grid/sf_ratio_a90-100"] == pytest.approx(1.0, abs=0.01)
-    # the kind's default groups include grid and keep the cells monitor
+    # grid is chosen (model=gan3d sets trainer.metrics: [cells, grid]), not a default of every grid:
+    # the kind's default keeps the cells monitor and needs no energy condition
     default = metrics.evaluate(ref, showers(600, rng, scale=1.1, shift=2), groups=None)
-    assert "grid/sf_max_dev" in default and np.isfinite(default["monitor/score"])
+    assert "grid/sf_max_dev" not in default and np.isfinite(default["monitor/score"])
+    from caloexp.cli import CONF_DIR
+    assert "metrics: [cells, grid]" in (CONF_DIR / "model" / "gan3d.yaml").read_text()
