@@ -25,15 +25,20 @@ def mixture(n: int, rng: np.random.Generator) -> np.ndarray:
     return (centres + 0.3 * rng.normal(size=(n, 2))).astype(np.float32)
 
 
-def test_flow_matching_recovers_a_gaussian_mixture():
+def fit_mixture(net, sampler_steps: int, train_steps: int, batch: int) -> CFM:
+    """A CFM with ``net`` trained on the mixture with Adam(3e-3), seeded."""
     torch.manual_seed(0)
-    model = CFM((2,), 0, net=functools.partial(VelocityNet, width=64, n_blocks=2, emb=32), steps=20)
+    model = CFM((2,), 0, net=net, steps=sampler_steps)
     model.rng = torch.Generator().manual_seed(0)
     opt = Optim(model, {"_target_": "torch.optim.Adam", "lr": 3e-3}, None, Runtime(torch.device("cpu")))
     rng = np.random.default_rng(0)
-    for step in range(1500):
-        x = torch.as_tensor(mixture(256, rng))
-        model.training_step(Batch(x, torch.zeros(256, 0)), step, opt)
+    for step in range(train_steps):
+        model.training_step(Batch(torch.as_tensor(mixture(batch, rng)), torch.zeros(batch, 0)), step, opt)
+    return model
+
+
+def test_flow_matching_recovers_a_gaussian_mixture():
+    model = fit_mixture(functools.partial(VelocityNet, width=64, n_blocks=2, emb=32), 20, 1500, 256)
     with torch.no_grad():
         gen = model.sampler().sample(torch.zeros(4000, 0), torch.Generator().manual_seed(1)).numpy()
     ref = mixture(4000, np.random.default_rng(1))
@@ -50,14 +55,8 @@ def test_flow_matching_recovers_a_gaussian_mixture():
 
 
 def test_transformer_velocity_net_learns_the_mixture():
-    torch.manual_seed(0)
     net = functools.partial(TransformerVelocityNet, patch=1, width=32, depth=2, heads=2, emb=32)   # 2 tokens
-    model = CFM((2,), 0, net=net, steps=10)
-    model.rng = torch.Generator().manual_seed(0)
-    opt = Optim(model, {"_target_": "torch.optim.Adam", "lr": 3e-3}, None, Runtime(torch.device("cpu")))
-    rng = np.random.default_rng(0)
-    for step in range(600):
-        model.training_step(Batch(torch.as_tensor(mixture(128, rng)), torch.zeros(128, 0)), step, opt)
+    model = fit_mixture(net, 10, 600, 128)
     with torch.no_grad():
         gen = model.sampler().sample(torch.zeros(4000, 0), torch.Generator().manual_seed(1)).numpy()
     left = gen[:, 0] < 0
@@ -70,13 +69,7 @@ def test_transformer_velocity_net_learns_the_mixture():
 
 
 def test_reflow_student_does_in_one_step_what_its_teacher_needs_many_for():
-    torch.manual_seed(0)
-    teacher = CFM((2,), 0, net=functools.partial(VelocityNet, width=64, n_blocks=2, emb=32), steps=6)
-    teacher.rng = torch.Generator().manual_seed(0)
-    opt = Optim(teacher, {"_target_": "torch.optim.Adam", "lr": 3e-3}, None, Runtime(torch.device("cpu")))
-    rng = np.random.default_rng(0)
-    for step in range(400):
-        teacher.training_step(Batch(torch.as_tensor(mixture(128, rng)), torch.zeros(128, 0)), step, opt)
+    teacher = fit_mixture(functools.partial(VelocityNet, width=64, n_blocks=2, emb=32), 6, 400, 128)
     student = Reflow((2,), 0, teacher=teacher, steps=1, ema={"flow": 0.99})
     assert student.teacher_sampler == {"steps": 6, "solver": "midpoint"}
     for a, b in zip(student.parameters(), teacher.parameters()):   # starts from the teacher

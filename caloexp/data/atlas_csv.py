@@ -33,7 +33,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from caloexp import geometry as geo
-from caloexp.data.base import Source
+from caloexp.data.base import MemorySource, Source
 from caloexp.data.datamodule import ShowerDataModule
 from caloexp.data.sample import Sample
 from caloexp.errors import ConfigError, InputError
@@ -322,25 +322,13 @@ def read_archive(path: Path, geometry: geo.Geometry, header: str | bool = "auto"
     return Sample(x, {"energy": e}, "calo")
 
 
-class CsvArchive(Source):
+class CsvArchive(MemorySource):
     """The showers of a ``.tgz`` of voxelisation CSVs, read in one pass into memory."""
-
-    kind = "calo"
 
     def __init__(self, path: Path, geometry: geo.Geometry, header: str | bool = "auto", negative: str = "clip",
                  per_energy: int | None = None):
+        super().__init__(read_archive(path, geometry, header, negative, per_energy))
         self.paths = [path]
-        self.sample = read_archive(path, geometry, header, negative, per_energy)
-
-    def __len__(self) -> int:
-        return len(self.sample)
-
-    @property
-    def event_shape(self) -> tuple[int, ...]:
-        return self.sample.event_shape
-
-    def read(self, lo: int, hi: int) -> Sample:
-        return self.sample.subset(slice(lo, hi))
 
 
 def open_path(path: str | Path, geometry: geo.Geometry, header: str | bool = "auto", negative: str = "clip",
