@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from caloexp.data.sample import Batch
+from caloexp.errors import ConfigError
 from caloexp.data.transforms import Transform
 from caloexp.models.cfm import CFM, Reflow, TransformerVelocityNet, VelocityNet, integrate
 from caloexp.optim import Optim
@@ -52,6 +53,38 @@ def test_flow_matching_recovers_a_gaussian_mixture():
     dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
     w = lambda a, b: np.mean([np.abs(np.sort(a @ d) - np.sort(b @ d)).mean() for d in dirs])  # noqa: E731
     assert w(gen, ref) < 0.15 and w(gen, ref) < 0.1 * w(prior, ref)
+
+
+def test_cell_head_learns_independent_bimodal_cells_a_narrow_mlp_cannot():
+    """48 cells, each empty (-2) with its own probability or a narrow peak at its own value, independent of
+    each other, as a calorimeter's cells are given the shower: a 32-wide MLP only contracts the noise; with
+    the per-cell head the generated marginals match."""
+    d = 48
+    layout = np.random.default_rng(7)
+    p_empty, mu = layout.uniform(0.1, 0.5, d), layout.uniform(0.0, 1.5, d)
+
+    def cells(n: int, rng: np.random.Generator) -> np.ndarray:
+        empty = rng.random((n, d)) < p_empty
+        return np.where(empty, -2.0, mu) + 0.1 * rng.normal(size=(n, d)).astype(np.float32)
+
+    def fit(cell_head: int) -> np.ndarray:
+        torch.manual_seed(0)
+        model = CFM((d,), 0, net=functools.partial(VelocityNet, width=32, n_blocks=2, emb=32, cell_head=cell_head),
+                    steps=10)
+        model.rng = torch.Generator().manual_seed(0)
+        opt = Optim(model, {"_target_": "torch.optim.Adam", "lr": 3e-3}, None, Runtime(torch.device("cpu")))
+        rng = np.random.default_rng(0)
+        for step in range(500):
+            model.training_step(Batch(torch.as_tensor(cells(128, rng), dtype=torch.float32), torch.zeros(128, 0)),
+                                step, opt)
+        with torch.no_grad():
+            return model.sampler().sample(torch.zeros(3000, 0), torch.Generator().manual_seed(1)).numpy()
+
+    ref = cells(3000, np.random.default_rng(1))
+    w = {k: np.mean(np.abs(np.sort(fit(k), 0) - np.sort(ref, 0))) for k in (0, 16)}   # mean 1D Wasserstein
+    assert w[16] < 0.15 and w[16] < 0.3 * w[0], w
+    with pytest.raises(ConfigError, match="cell_head"):
+        VelocityNet(8, 0, cell_head=-1)
 
 
 def test_transformer_velocity_net_learns_the_mixture():
