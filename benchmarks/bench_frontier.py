@@ -3,6 +3,7 @@ reflow student, and the WGAN-GP baseline, each judged the same way.
 
     python benchmarks/bench_frontier.py [--minutes 10 20 30] [--classifier protocol|full] [--n-eval 121000]
                                         [--distill-steps 1000] [--workdir bench_frontier] [--skip-wgangp]
+                                        [--cfm KEY=VALUE ...]   (overrides of the CFM run, e.g. data.n_showers=100000)
 
 Every row runs the real command-line path: ``caloexp.train`` (the CFM with ``trainer.max_time``,
 resumed from one mark to the next), ``caloexp.generate`` at the incident energies of a held-out
@@ -78,6 +79,7 @@ def main() -> None:
     p.add_argument("--distill-steps", type=int, default=1000)
     p.add_argument("--workdir", default="bench_frontier")
     p.add_argument("--skip-wgangp", action="store_true")
+    p.add_argument("--cfm", nargs="*", default=[], metavar="KEY=VALUE", help="Hydra overrides of the CFM run")
     a = p.parse_args()
     work = Path(a.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -92,7 +94,7 @@ def main() -> None:
     common = [f"hydra.run.dir={work}/cfm", "trainer.plot_every=0"]
     rows = []
     for i, minutes in enumerate(sorted(a.minutes)):
-        start = ["caloexp.train", "model=cfm", "trainer.max_steps=null", *common] if i == 0 else \
+        start = ["caloexp.train", "model=cfm", "trainer.max_steps=null", *common, *a.cfm] if i == 0 else \
             ["caloexp.train", f"resume={work}/cfm"]
         sh(start + [f"trainer.max_time={minutes}"], work / "cfm.log")
         rows.append(judge(f"cfm@{minutes:g}min", work / "cfm", work, ref, a.classifier))
