@@ -117,6 +117,10 @@ def test_root_configs_compose_and_name_their_toy():
     assert dm.files == [Path("/nowhere") / "dimuon_toy_seed1234_n400000.root"]
     assert exp.optimizer.nesterov and exp.optimizer.momentum == 0.8 and exp.scheduler.mode == "triangular2"
     assert exp.trainer.gradient_clip_val > 0 and exp.model._target_.endswith("CGAN")
+    # the default training (README): TTUR, cosine decay, no generator batch norm; the seed's keeps its BN
+    assert cfg.scheduler._target_.endswith("CosineAnnealingLR") and cfg.scheduler.T_max == cfg.trainer.max_steps
+    assert cfg.optimizer.critic.lr == 4 * cfg.optimizer.generator.lr and cfg.model.generator.norm == "none"
+    assert exp.model.generator.norm == "batch" and exp.trainer.max_steps == 8000
 
 
 def test_dimuon_toy_is_deterministic_and_b_tagged_class_differs(tmp_path):
@@ -244,7 +248,8 @@ def test_cgan_trains_resumes_bit_exactly_and_generates_a_root_table(tmp_path):
     small = ["model=cgan", "data=dimuon_embedded", "data.files=[toy_small.root]", "data.embedded.n_events=2500",
              "data.eval_events=300", "data.batch_size=64", "model.generator.width=32", "model.critic.width=32",
              "trainer.log_every=2", "trainer.eval_every=6", "trainer.checkpoint_every=3", "trainer.num_threads=1",
-             "trainer.plot_every=1", "+model.ema={generator: 0.99}"]
+             "trainer.plot_every=1", "+model.ema={generator: 0.99}",
+             "scheduler.T_max=12"]   # the cosine decay of the full run also in the half run that is resumed
     sa, _ = train_twice_and_resume(["caloexp.train", *small], tmp_path, 12)
     assert sa["spec"]["kind"] == "tabular" and sa["spec"]["writer"]["format"] == "root_table"
     assert (tmp_path / "A/plots/step_0000012/tab_pairs.png").exists()
