@@ -20,7 +20,8 @@ Losses with the original weights (``loss_weights``: real/fake 3, energy 0.1, ang
 bin counts 0.1) and units (Keras' MAPE is in percent; energy targets E / 100 GeV). The discriminator
 minimises 3 x BCE on real and generated showers (labels flipped with probability ``label_flip``,
 the original's BitFlip) plus the energy regression on both; the generator minimises 3 x BCE(D(G), 1)
-plus all four auxiliary terms. Every term is logged (``aux/<term>/real|fake``).
+plus all four auxiliary terms, ``generator_steps`` times per discriminator update (the original: 2;
+default 1). Every term is logged (``aux/<term>/real|fake``).
 
 ``energy_fraction``, ``power`` and ``scale`` must be the data transform's (an ``energy_fraction`` step,
 the ``power`` step's p, the ``scale`` factor): they undo it to get GeV cells. The default transform
