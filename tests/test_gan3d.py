@@ -72,6 +72,24 @@ def test_losses_have_every_term_with_the_original_weights():
         small(shape=(368,))
 
 
+def test_generator_steps_update_the_generator_that_often_per_discriminator_update():
+    from caloexp.optim import Optim
+    from caloexp.runtime import Runtime
+
+    x = torch.rand(4, 12, 12, 6) ** 4
+    batch = Batch(x, torch.rand(4, 2), {"energy": torch.tensor([10.0, 50.0, 100.0, 400.0]),
+                                        "theta": torch.full((4,), math.pi / 2)})
+    for n in (1, 2):
+        m = small(generator_steps=n)
+        opt = Optim(m, {"_target_": "torch.optim.Adam", "lr": 1e-3}, None, Runtime(torch.device("cpu")))
+        logs = m.training_step(batch, 0, opt)
+        assert "loss/generator" in logs and all(torch.isfinite(v) for v in logs.values())
+        steps = {r: [int(s["step"]) for s in opt.optimizers[r].state.values()] for r in ("generator", "critic")}
+        assert set(steps["generator"]) == {n} and set(steps["critic"]) == {1}
+    with pytest.raises(ConfigError, match=r"model.generator_steps=0: must be >= 1"):
+        small(generator_steps=0)
+
+
 def test_every_cell_reaches_the_discriminator():
     # 51 x 51 x 25 is odd along every axis: the last layer and column must still be seen
     d = Gan3DDiscriminator((51, 51, 25), 2, 0, dropout=0.0)

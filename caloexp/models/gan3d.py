@@ -20,7 +20,8 @@ Losses with the original weights (``loss_weights``: real/fake 3, energy 0.1, ang
 bin counts 0.1) and units (Keras' MAPE is in percent; energy targets E / 100 GeV). The discriminator
 minimises 3 x BCE on real and generated showers (labels flipped with probability ``label_flip``,
 the original's BitFlip) plus the energy regression on both; the generator minimises 3 x BCE(D(G), 1)
-plus all four auxiliary terms. Every term is logged (``aux/<term>/real|fake``).
+plus all four auxiliary terms, ``generator_steps`` times per discriminator update (the original: 2;
+default 1). Every term is logged (``aux/<term>/real|fake``).
 
 ``energy_fraction``, ``power`` and ``scale`` must be the data transform's (an ``energy_fraction`` step,
 the ``power`` step's p, the ``scale`` factor): they undo it to get GeV cells. The default transform
@@ -169,7 +170,7 @@ class Gan3D(AdversarialModel):
     def __init__(self, *args, power: float = 0.85, scale: float = 1.0, energy_fraction: bool = False,
                  energy_scale: float = 100.0, loss_weights: dict | None = None, label_flip: float = 0.05,
                  count_limits: Sequence[float] = COUNT_LIMITS, count_softness: float = 0.0,
-                 energy_key: str = "energy", angle_key: str = "theta", **kwargs):
+                 energy_key: str = "energy", angle_key: str = "theta", generator_steps: int = 1, **kwargs):
         kwargs.setdefault("n_aux", 1)
         shape = tuple(args[0] if args else kwargs.get("data_shape", ()))
         if len(shape) != 3:
@@ -197,6 +198,23 @@ class Gan3D(AdversarialModel):
         self.energy_fraction = bool(energy_fraction)
         self.count_softness = float(count_softness)
         self.energy_key, self.angle_key = energy_key, angle_key
+        if int(generator_steps) < 1:
+            raise ConfigError(f"model.generator_steps={generator_steps}: must be >= 1")
+        self.generator_steps = int(generator_steps)
+
+    def training_step(self, batch: Batch, step: int, optim) -> dict[str, torch.Tensor]:
+        """The core's adversarial step, then ``generator_steps - 1`` more generator updates on fresh noise
+        (the original trains the generator twice per discriminator update)."""
+        out = super().training_step(batch, step, optim)
+        if (step + 1) % self.critic_steps == 0:
+            for _ in range(self.generator_steps - 1):
+                with optim.frozen("critic"), optim.autocast():
+                    fake = self.generate(batch.cond)
+                    fake_out = self.criticise(fake, batch.cond)
+                    loss_g, _ = self.generator_loss(fake_out, batch, fake)
+                    aux, _ = self.aux_loss(fake_out, batch, fake, real=False)
+                optim.step("generator", loss_g + aux)
+        return out
 
     def physical(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Network cells -> GeV cells (the inverse of the data's energy_fraction/power/scale steps)."""
