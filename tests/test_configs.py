@@ -113,6 +113,15 @@ def test_gan602_experiment_has_the_seed_settings(tmp_path):
     assert net.output_range == (-1.0, 1.0)
 
 
+def test_cfm_30min_experiment_trains_the_default_cfm_by_time_on_more_showers(tmp_path):
+    default = compose_cfg([], tmp_path)
+    cfg = compose_cfg(["+experiment=cfm_30min"], tmp_path)
+    assert cfg.model == default.model and cfg.model.net.cell_head > 0        # the default model, unchanged
+    assert cfg.trainer.max_steps is None and cfg.trainer.max_time == 30
+    assert cfg.data.n_showers > default.data.n_showers
+    caloexp.config.validate_trainer(cfg.trainer)
+
+
 def test_tracking_uri_follows_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
     assert compose_cfg([], tmp_path).logger.tracking_uri == "http://127.0.0.1:5999"
