@@ -53,12 +53,13 @@ def ms_per_shower(source: str, batch: int = 10_000, sampler: dict | None = None)
 
 def judge(name: str, run: Path, work: Path, ref: Path, metrics: str, sampler: str | None = None) -> dict:
     """Generate at the reference energies, evaluate, time generation; one row of the table."""
-    gen_file = work / f"gen_{name}.hdf5"
+    slug = "".join(ch if ch.isalnum() or ch in "@._-" else "_" for ch in name)   # a Hydra-safe file name
+    gen_file = work / f"gen_{slug}.hdf5"
     args = ["caloexp.generate", f"source={run}", f"energies={ref}", "n_showers=null", f"output={gen_file}"]
-    sh(args + ([f"sampler={sampler}"] if sampler else []), work / f"{name}.log")
-    out = work / f"eval_{name}"
+    sh(args + ([f"sampler={sampler}"] if sampler else []), work / f"{slug}.log")
+    out = work / f"eval_{slug}"
     sh(["caloexp.evaluate", f"generated={gen_file}", f"reference={ref}", f"out={out}", f"metrics={metrics}"],
-       work / f"{name}.log")
+       work / f"{slug}.log")
     gen_file.unlink()
     m = json.loads((out / "metrics.json").read_text())
     state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
