@@ -168,14 +168,18 @@ class AdversarialModel(GenerativeModel):
         optim.step("critic", loss_c + aux)
         out = {"loss/critic": loss_c.detach(), **logs, **{f"{k}/real": v for k, v in aux_logs.items()}}
         if (step + 1) % self.critic_steps == 0:
-            with optim.frozen("critic"), optim.autocast():
-                fake = self.generate(batch.cond)
-                fake_out = self.criticise(fake, batch.cond)
-                loss_g, glogs = self.generator_loss(fake_out, batch, fake)
-                aux, aux_logs = self.aux_loss(fake_out, batch, fake, real=False)
-            optim.step("generator", loss_g + aux)
-            out.update({"loss/generator": loss_g.detach(), **glogs, **{f"{k}/fake": v for k, v in aux_logs.items()}})
+            out.update(self.generator_update(batch, optim))
         return out
+
+    def generator_update(self, batch: Batch, optim) -> dict[str, torch.Tensor]:
+        """One generator step on fresh noise against the frozen critic; returns its logs."""
+        with optim.frozen("critic"), optim.autocast():
+            fake = self.generate(batch.cond)
+            fake_out = self.criticise(fake, batch.cond)
+            loss_g, glogs = self.generator_loss(fake_out, batch, fake)
+            aux, aux_logs = self.aux_loss(fake_out, batch, fake, real=False)
+        optim.step("generator", loss_g + aux)
+        return {"loss/generator": loss_g.detach(), **glogs, **{f"{k}/fake": v for k, v in aux_logs.items()}}
 
     def sampler(self) -> nn.Module:
         return self.generator

@@ -208,12 +208,7 @@ class Gan3D(AdversarialModel):
         out = super().training_step(batch, step, optim)
         if (step + 1) % self.critic_steps == 0:
             for _ in range(self.generator_steps - 1):
-                with optim.frozen("critic"), optim.autocast():
-                    fake = self.generate(batch.cond)
-                    fake_out = self.criticise(fake, batch.cond)
-                    loss_g, _ = self.generator_loss(fake_out, batch, fake)
-                    aux, _ = self.aux_loss(fake_out, batch, fake, real=False)
-                optim.step("generator", loss_g + aux)
+                self.generator_update(batch, optim)
         return out
 
     def physical(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
