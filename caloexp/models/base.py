@@ -108,7 +108,8 @@ class LatentSampler(nn.Module):
 class AdversarialModel(GenerativeModel):
     """The GAN training step as a template; families fill in the hooks where their maths differs.
 
-    Per step: ``critic_steps`` critic updates for each generator update, counted by step::
+    Per step: ``critic_steps`` critic updates for each generator update, counted by step, and
+    ``generator_steps`` generator updates (on fresh noise) where there is one (3DGAN's original: 2)::
 
         critic:    critic_loss(real_out, fake_out, batch, fake) + aux_loss(real_out, batch)
         generator: generator_loss(fake_out, batch, fake) + aux_loss(fake_out, batch)   (critic frozen)
@@ -121,15 +122,19 @@ class AdversarialModel(GenerativeModel):
 
     def __init__(self, data_shape: tuple[int, ...], cond_dim: int, generator: Callable[..., nn.Module],
                  critic: Callable[..., nn.Module], latent_dim: int = 128, conditional: bool = True,
-                 critic_steps: int = 1, n_aux: int = 0, ema: dict[str, float] | None = None):
+                 critic_steps: int = 1, n_aux: int = 0, ema: dict[str, float] | None = None,
+                 generator_steps: int = 1):
         super().__init__(data_shape, cond_dim, ema)
         if latent_dim < 1:
             raise ConfigError(f"model.latent_dim={latent_dim}: must be >= 1")
         if critic_steps < 1:
             raise ConfigError(f"model.critic_steps={critic_steps}: must be >= 1")
+        if generator_steps < 1:
+            raise ConfigError(f"model.generator_steps={generator_steps}: must be >= 1")
         self.latent_dim = int(latent_dim)
         self.conditional = bool(conditional)
         self.critic_steps = int(critic_steps)
+        self.generator_steps = int(generator_steps)
         self.n_aux = int(n_aux)
         c = self.cond_dim if self.conditional else 0
         self.generator = LatentSampler(generator(in_shape=(self.latent_dim,), out_shape=self.data_shape, cond_dim=c),
@@ -168,7 +173,9 @@ class AdversarialModel(GenerativeModel):
         optim.step("critic", loss_c + aux)
         out = {"loss/critic": loss_c.detach(), **logs, **{f"{k}/real": v for k, v in aux_logs.items()}}
         if (step + 1) % self.critic_steps == 0:
-            out.update(self.generator_update(batch, optim))
+            out.update(self.generator_update(batch, optim))   # the first update's logs are reported
+            for _ in range(self.generator_steps - 1):
+                self.generator_update(batch, optim)
         return out
 
     def generator_update(self, batch: Batch, optim) -> dict[str, torch.Tensor]:

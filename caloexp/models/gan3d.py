@@ -170,7 +170,7 @@ class Gan3D(AdversarialModel):
     def __init__(self, *args, power: float = 0.85, scale: float = 1.0, energy_fraction: bool = False,
                  energy_scale: float = 100.0, loss_weights: dict | None = None, label_flip: float = 0.05,
                  count_limits: Sequence[float] = COUNT_LIMITS, count_softness: float = 0.0,
-                 energy_key: str = "energy", angle_key: str = "theta", generator_steps: int = 1, **kwargs):
+                 energy_key: str = "energy", angle_key: str = "theta", **kwargs):
         kwargs.setdefault("n_aux", 1)
         shape = tuple(args[0] if args else kwargs.get("data_shape", ()))
         if len(shape) != 3:
@@ -198,18 +198,6 @@ class Gan3D(AdversarialModel):
         self.energy_fraction = bool(energy_fraction)
         self.count_softness = float(count_softness)
         self.energy_key, self.angle_key = energy_key, angle_key
-        if int(generator_steps) < 1:
-            raise ConfigError(f"model.generator_steps={generator_steps}: must be >= 1")
-        self.generator_steps = int(generator_steps)
-
-    def training_step(self, batch: Batch, step: int, optim) -> dict[str, torch.Tensor]:
-        """The core's adversarial step, then ``generator_steps - 1`` more generator updates on fresh noise
-        (the original trains the generator twice per discriminator update)."""
-        out = super().training_step(batch, step, optim)
-        if (step + 1) % self.critic_steps == 0:
-            for _ in range(self.generator_steps - 1):
-                self.generator_update(batch, optim)
-        return out
 
     def physical(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Network cells -> GeV cells (the inverse of the data's energy_fraction/power/scale steps)."""
