@@ -87,6 +87,23 @@ def test_cell_head_learns_independent_bimodal_cells_a_narrow_mlp_cannot():
         VelocityNet(8, 0, cell_head=-1)
 
 
+def test_cell_head_inference_path_computes_the_training_form():
+    """Without autograd the head runs in chunks, in place; it must be the same function as the
+    differentiable form the net is trained with (batches that do and do not fill the last chunk)."""
+    torch.manual_seed(0)
+    net = VelocityNet(40, 3, width=32, n_blocks=2, emb=16, cell_head=8, cell_emb=4, context=6)
+    with torch.no_grad():
+        for p in net.parameters():          # the zero-initialised output layers would hide a wrong head
+            p.add_(0.3 * torch.randn_like(p))
+    for n in (1, 31, 70):
+        x, t, c = torch.randn(n, 40), torch.rand(n), torch.randn(n, 3)
+        trained_form = net(x, t, c)
+        assert trained_form.requires_grad
+        with torch.no_grad():
+            fast = net(x, t, c)
+        torch.testing.assert_close(fast, trained_form.detach(), rtol=1e-5, atol=1e-5)
+
+
 def test_transformer_velocity_net_learns_the_mixture():
     net = functools.partial(TransformerVelocityNet, patch=1, width=32, depth=2, heads=2, emb=32)   # 2 tokens
     model = fit_mixture(net, 10, 600, 128)
@@ -246,6 +263,23 @@ def test_dequantised_layer_energies_spread_empty_voxels_and_invert_exactly():
     np.testing.assert_array_equal(part, y[::-1][:100])
     with pytest.raises(Exception, match="dequantise=0.5 .* needs threshold > 0"):
         Transform((368,), [dict(step, threshold=0.0)], {"energy": "log_scale"})
+
+
+def test_a_generated_layer_with_no_voxel_above_threshold_gives_its_energy_to_its_hottest_voxel():
+    e, s = random_showers(200)
+    layers, thr = [8, 160, 190, 5, 5], 5.0
+    t = Transform((368,), [{"step": "layer_energies", "layers": layers, "threshold": thr, "dequantise": 0.5}],
+                  {"energy": "log_scale"})
+    y = t.to_network(s, {"energy": e})
+    y[:, 5 + 8:5 + 168] = -16.0                 # layer 1: every voxel far below the threshold ...
+    y[:, 5 + 8 + 7] = -15.0                     # ... voxel 7 of it the least so
+    gen = t.to_physical(y, {"energy": e})
+    want = t.to_physical(t.to_network(s, {"energy": e}), {"energy": e})
+    layer1 = gen[:, 8:168]
+    visible = want[:, 8:168].sum(1) > 0
+    np.testing.assert_allclose(layer1[visible, 7], want[visible, 8:168].sum(1), rtol=1e-5)
+    assert (np.delete(layer1, 7, axis=1) == 0).all()
+    np.testing.assert_allclose(gen[:, 168:], want[:, 168:], rtol=1e-5, atol=1e-6 * s.max())   # other layers untouched
 
 
 @pytest.mark.slow

@@ -351,9 +351,21 @@ class LayerEnergies(Step):
         return {"layers": list(self.layers), "key": self.key, "alpha": self.alpha, "alpha_e": self.alpha_e,
                 "threshold": self.threshold, "dequantise": self.dequantise, "delta": self.delta}
 
+    def _slices(self) -> list[tuple[int, int]]:
+        ends = [sum(self.layers[:i + 1]) for i in range(len(self.layers))]
+        return list(zip([0, *ends[:-1]], ends))
+
     def _layer_sums(self, x: Tensor) -> Tensor:
-        idx = self.layer_of.to(x.device)
-        return torch.zeros(x.shape[0], len(self.layers), dtype=x.dtype, device=x.device).index_add_(1, idx, x)
+        """(N, V) -> (N, L) per-layer sums. The layers are contiguous voxel ranges: slice reductions
+        (several times faster than index_add or scatter over the voxel axis, and exportable)."""
+        return torch.stack([x[:, a:b].sum(1) for a, b in self._slices()], 1)
+
+    def _layer_max(self, x: Tensor) -> Tensor:
+        return torch.stack([x[:, a:b].amax(1) for a, b in self._slices()], 1)
+
+    def _per_voxel(self, v: Tensor) -> Tensor:
+        """(N, L) -> (N, V): each layer's value at its voxels."""
+        return v.index_select(1, self.layer_of.to(v.device))
 
     def forward(self, x, cond):
         e = cond[self.key].reshape(-1, 1).to(x.dtype)
@@ -364,7 +376,7 @@ class LayerEnergies(Step):
         tail = torch.flip(torch.cumsum(torch.flip(el, [1]), 1), [1])[:, :-1]
         r = torch.where(tail > 0, el[:, :-1] / tail.clamp_min(1e-30), torch.zeros_like(tail))
         p = self.alpha_e + (1 - 2 * self.alpha_e) * r
-        den = el[:, self.layer_of.to(x.device)]
+        den = self._per_voxel(el)
         if self.dequantise:
             thr = self.threshold
             x = torch.where(x > 0, x, self.dequantise * thr * _hash_uniform(el, x.shape[1]).to(x.dtype))
@@ -383,29 +395,30 @@ class LayerEnergies(Step):
         q = ((torch.sigmoid(-f[:, 1:]) - self.alpha_e) / (1 - 2 * self.alpha_e)).clamp(0, 1)
         keep = _cumprod(torch.cat([torch.ones_like(r[:, :1]), q], 1))   # prod_{j<l} (1 - r_j)
         el = etot * keep * torch.cat([r, torch.ones_like(r[:, :1])], 1)
-        idx = self.layer_of.to(y.device)
         if self.dequantise:
-            return self._cut(torch.exp(g) * el[:, idx].clamp_min(self.threshold) - self.delta * self.threshold, el,
-                             repeat=3)
+            return self._cut(torch.exp(g) * self._per_voxel(el).clamp_min(self.threshold) - self.delta * self.threshold,
+                             el, repeat=3)
         w = (torch.exp(g) - self.alpha).clamp_min(0)
-        tot = self._layer_sums(w)[:, idx]
+        tot = self._per_voxel(self._layer_sums(w))
         soft = torch.exp(g - g.amax(1, keepdim=True))   # a layer the model left empty keeps its energy
-        w = torch.where(tot > 0, w / tot.clamp_min(1e-300), soft / self._layer_sums(soft)[:, idx])
-        x = w * el[:, idx]
+        w = torch.where(tot > 0, w / tot.clamp_min(1e-300), soft / self._per_voxel(self._layer_sums(soft)))
+        x = w * self._per_voxel(el)
         return self._cut(x, el) if self.threshold > 0 else x
 
     def _cut(self, x: Tensor, el: Tensor, repeat: int = 1) -> Tensor:
         """Cut what a readout would not see and rescale the survivors to each layer's energy ``el``
-        (rescaling can push a voxel below threshold again, hence ``repeat``)."""
-        idx = self.layer_of.to(x.device)
+        (rescaling can push a voxel below threshold again, hence ``repeat``). Masks are multiplied
+        rather than selected with ``torch.where`` (4x faster on CPU); a NaN from the net stays NaN, so
+        generation reports it instead of hiding it as an empty voxel."""
         for _ in range(repeat):
-            kept = torch.where(x >= self.threshold, x, torch.zeros_like(x))
-            ksum = self._layer_sums(kept)[:, idx]
+            kept = x * (x >= self.threshold).to(x.dtype)
+            ksum = self._layer_sums(kept)
+            passes = ksum > 0
+            scale = torch.where(passes, el / ksum, torch.zeros_like(el))                             # (N, L)
             # no voxel of the layer passes: the layer's energy goes to its hottest voxel(s)
-            lmax = torch.full_like(el, -math.inf).scatter_reduce(1, idx.expand(x.shape[0], -1), x, "amax")
-            top = (x == lmax[:, idx]).to(x.dtype)
-            fallback = top * el[:, idx] / self._layer_sums(top)[:, idx].clamp_min(1.0)
-            x = torch.where(ksum > 0, kept * (el[:, idx] / ksum.clamp_min(1e-300)), fallback)
+            top = (x == self._per_voxel(self._layer_max(x))).to(x.dtype)
+            share = torch.where(passes, torch.zeros_like(el), el / self._layer_sums(top).clamp_min(1.0))
+            x = kept * self._per_voxel(scale) + top * self._per_voxel(share)
         return x
 
 
