@@ -95,7 +95,9 @@ def main() -> None:
     common = [f"hydra.run.dir={work}/cfm", "trainer.plot_every=0"]
     rows = []
     for i, minutes in enumerate(sorted(a.minutes)):
-        start = ["caloexp.train", "model=cfm", "trainer.max_steps=null", *common, *a.cfm] if i == 0 else \
+        own_steps = any(o.startswith("trainer.max_steps=") for o in a.cfm)   # e.g. the length of a cosine schedule
+        start = ["caloexp.train", "model=cfm", *([] if own_steps else ["trainer.max_steps=null"]), *common, *a.cfm] \
+            if i == 0 else \
             ["caloexp.train", f"resume={work}/cfm"]
         sh(start + [f"trainer.max_time={minutes}"], work / "cfm.log")
         rows.append(judge(f"cfm@{minutes:g}min", work / "cfm", work, ref, a.classifier))

@@ -27,7 +27,7 @@ from caloexp.cli import CONF_DIR
 from caloexp.data.base import DataModule
 from caloexp.models.base import GenerativeModel
 from caloexp.optim import Optim
-from caloexp.runtime import Runtime
+from caloexp.runtime import Runtime, check_precision
 from caloexp.sampling import EventGenerator
 
 
@@ -82,6 +82,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch", type=int, default=10_000, help="generation batch size")
     ap.add_argument("--n-showers", type=int, default=15_000, help="embedded training sample size")
+    ap.add_argument("--precision", default="32", help="32 | bf16 (autocast; fast on CPUs with AMX) | 16 (CUDA)")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model.generator.width=512")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -94,11 +95,14 @@ def main() -> None:
     transform = data.fit_transform(model.output_range, device)
     model.to(device)
     model.rng = torch.Generator(device).manual_seed(0)
-    opts = Optim(model, cfg.optimizer, cfg.scheduler, Runtime(device))
+    rt = Runtime(device, check_precision(args.precision, device))
+    opts = Optim(model, cfg.optimizer, cfg.scheduler, rt)
     gen = EventGenerator(model.sampler(), transform).eval()
 
-    peak_flops = matmul_flops(device)
-    print(f"device: {device} ({torch.get_num_threads()} threads); matmul peak: {peak_flops / 1e9:.1f} GFLOP/s")
+    mm_dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(rt.precision, torch.float32)   # MFU against its peak
+    peak_flops = matmul_flops(device, dtype=mm_dtype)
+    print(f"device: {device} ({torch.get_num_threads()} threads); precision {rt.precision}; "
+          f"matmul peak ({mm_dtype}): {peak_flops / 1e9:.1f} GFLOP/s")
     roles = ", ".join(f"{r} {sum(p.numel() for p in model.parameters_for(r)):,}" for r in model.roles)
     steps = getattr(model, "steps", None)
     print(f"model: {cfg.model._target_}; parameters: {roles}; event shape {data.event_shape}"
@@ -108,8 +112,12 @@ def main() -> None:
     ref = data.reference()
     rows = np.arange(args.batch) % len(ref)
     cond = {k: torch.as_tensor(np.asarray(v)[rows], device=device) for k, v in ref.cond.items()}
-    gen_flops = count_flops(lambda: gen(cond))
-    t = timed(lambda: gen(cond), device)
+    def generate() -> None:
+        with rt.autocast():
+            gen(cond)
+
+    gen_flops = count_flops(generate)
+    t = timed(generate, device)
     rate = args.batch / t
     print(f"generation: batch {args.batch}: {rate:,.0f} showers/s = {1e3 / rate:.4f} ms/shower; "
           f"MFU {mfu(gen_flops, t, peak_flops)}")

@@ -39,6 +39,21 @@ def test_settings_presets_and_errors():
         C.resolve_settings({"inputs": ["pixels"]})
 
 
+def test_bf16_matmuls_measure_what_fp32_measures():
+    """A partly separable pair (shifted by 0.5 sigma in 4 of 6 features): the bf16 classifier's AUC agrees
+    with the fp32 one's, chance stays at chance, and its probabilities are not bf16-coarse (AUC ties)."""
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(4000, 6)), rng.normal(size=(4000, 6))
+    b[:, :4] += 0.5
+    r32 = C.train_and_score(a, b, SMALL, seed=1)
+    r16 = C.train_and_score(a, b, dict(SMALL, precision="bf16"), seed=1)
+    assert 0.65 < r32["auc"] < 0.9 and abs(r16["auc"] - r32["auc"]) < 0.01, (r32, r16)
+    same = C.train_and_score(a, rng.normal(size=(4000, 6)), dict(SMALL, precision="bf16"), seed=1)
+    assert abs(same["auc"] - 0.5) < 0.06
+    with pytest.raises(ConfigError, match="precision"):
+        C.resolve_settings({"precision": "fp8"})
+
+
 def test_reproducible_and_leaves_global_rng_alone():
     rng = np.random.default_rng(2)
     a, b = rng.normal(size=(600, 4)), rng.normal(size=(600, 4)) + 0.5

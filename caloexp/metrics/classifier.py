@@ -15,11 +15,14 @@ As in the official ``evaluate.py`` (CaloChallenge/homepage):
   validation split with the calibrated probabilities.
 
 Settings: ``PROTOCOL`` (3 hidden layers of 2048 = n_layer 2, 50 epochs) and ``FAST`` (the
-default during training). Training uses its own RNG streams and leaves torch's global RNG
-untouched (the trainer's resume reproducibility relies on it).
+default during training). ``precision: bf16`` runs the matmuls in bfloat16 (fp32 weights, Adam and
+probabilities): the protocol's 3 x 2048 net trains ~3x faster on a CPU with AMX (Sapphire Rapids) or a
+GPU; the official evaluator runs fp32, so report which one was used. Training uses its own RNG
+streams and leaves torch's global RNG untouched (the trainer's resume reproducibility relies on it).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Mapping
 
@@ -35,9 +38,9 @@ from caloexp.metrics.features import Features, classifier_features
 
 PROTOCOL: dict[str, Any] = {"inputs": ["low", "low_normed", "high"], "n_layer": 2, "n_hidden": 2048,
                             "epochs": 50, "lr": 2e-4, "batch_size": 1000, "dropout": 0.0,
-                            "max_showers": None, "device": "auto"}
+                            "max_showers": None, "device": "auto", "precision": "32"}
 FAST: dict[str, Any] = {"inputs": ["low", "high"], "n_layer": 2, "n_hidden": 256, "epochs": 10, "lr": 1e-3,
-                        "batch_size": 1000, "dropout": 0.0, "max_showers": 50_000, "device": "auto"}
+                        "batch_size": 1000, "dropout": 0.0, "max_showers": 50_000, "device": "auto", "precision": "32"}
 PRESETS = {"protocol": PROTOCOL, "fast": FAST}
 INPUTS = ("low", "low_normed", "high")
 
@@ -50,6 +53,9 @@ def resolve_settings(settings: Mapping[str, Any] | None) -> dict[str, Any]:
     if unknown:
         raise ConfigError(f"unknown classifier setting(s) {unknown}: known are {sorted(base)} and 'preset'")
     base.update(settings)
+    if str(base["precision"]) not in ("32", "bf16"):
+        raise ConfigError(f"classifier precision={base['precision']!r}: choose '32' or 'bf16'")
+    base["precision"] = str(base["precision"])
     bad = sorted(set(base["inputs"]) - set(INPUTS))
     if bad:
         raise ConfigError(f"classifier inputs {bad} unknown: choose from {list(INPUTS)}")
@@ -94,12 +100,21 @@ def _device(spec: str) -> torch.device:
     return torch.device(spec)
 
 
+def _autocast(dev: torch.device, precision: str):
+    """bf16 matmuls (fp32 weights, optimiser and outputs): ~3x faster on CPUs with AMX or on GPUs."""
+    return torch.autocast(dev.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+
+
 @torch.no_grad()
-def _predict(model: torch.nn.Module, x: torch.Tensor, batch: int = 10_000) -> np.ndarray:
+def _predict(model: torch.nn.Module, x: torch.Tensor, batch: int = 10_000, precision: str = "32") -> np.ndarray:
     model.eval()
     dev = next(model.parameters()).device
-    return torch.cat([torch.sigmoid(model(x[i:i + batch].to(dev))).reshape(-1).double().cpu()
-                      for i in range(0, len(x), batch)]).numpy()
+    out = []
+    for i in range(0, len(x), batch):
+        with _autocast(dev, precision):
+            logit = model(x[i:i + batch].to(dev))
+        out.append(torch.sigmoid(logit.float()).reshape(-1).double().cpu())   # probabilities in full precision
+    return torch.cat(out).numpy()
 
 
 def train_and_score(x_gen: np.ndarray, x_ref: np.ndarray, settings: Mapping[str, Any] | None = None,
@@ -147,18 +162,22 @@ def train_and_score(x_gen: np.ndarray, x_ref: np.ndarray, settings: Mapping[str,
                 perm = torch.randperm(len(yt), generator=gen).to(dev)
                 for i in range(0, len(yt), int(s["batch_size"])):
                     j = perm[i:i + int(s["batch_size"])]
-                    loss = loss_fn(model(xt[j]).reshape(-1), yt[j])
+                    with _autocast(dev, s["precision"]):
+                        logit = model(xt[j])
+                    loss = loss_fn(logit.float().reshape(-1), yt[j])
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
-                acc = float(((_predict(model, data["test"][0]) > 0.5) == data["test"][1].numpy().astype(bool)).mean())
+                acc = float(((_predict(model, data["test"][0], precision=s["precision"]) > 0.5)
+                             == data["test"][1].numpy().astype(bool)).mean())
                 if acc > best_acc:
                     best_acc, best_state = acc, {k: v.clone() for k, v in model.state_dict().items()}
                 if acc == 1.0:
                     break
             if best_state is not None:
                 model.load_state_dict(best_state)
-            p_test, p_val = _predict(model, data["test"][0]), _predict(model, data["val"][0])
+            p_test = _predict(model, data["test"][0], precision=s["precision"])
+            p_val = _predict(model, data["val"][0], precision=s["precision"])
         finally:
             torch.set_num_threads(old_threads)
     y_test, y_val = data["test"][1].numpy(), data["val"][1].numpy()
