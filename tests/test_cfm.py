@@ -303,6 +303,15 @@ def test_cfm_trains_resumes_and_generates_with_sampler_options(tmp_path):
         outs[name] = calochallenge.read(out)
         assert outs[name].showers.shape == (200, 368) and (outs[name].showers >= 0).all()
     assert not np.array_equal(outs["mid"].showers, outs["adaptive"].showers)   # the options reached the sampler
+    # bf16 matmuls: the same noise gives nearly the same showers (total energy per shower within 2 %)
+    g = run_cli(["caloexp.generate", f"source={tmp_path}/A", "n_showers=200", f"output={tmp_path}/gen_bf16.hdf5",
+                 "sampler={steps: 4}", "precision=bf16"], cwd=tmp_path)
+    assert g.returncode == 0, g.stderr[-3000:]
+    bf16 = calochallenge.read(tmp_path / "gen_bf16.hdf5").showers
+    assert not np.array_equal(bf16, outs["mid"].showers)
+    np.testing.assert_allclose(bf16.sum(1), outs["mid"].showers.sum(1), rtol=0.02)
+    bad = run_cli(["caloexp.generate", f"source={tmp_path}/A", "n_showers=10", "precision=fp8"], cwd=tmp_path)
+    assert bad.returncode == 2 and "precision=fp8" in bad.stderr
     bad = run_cli(["caloexp.generate", f"source={tmp_path}/A", "n_showers=10", "sampler={solver: heun}"],
                   cwd=tmp_path)
     assert bad.returncode == 2 and "solver='heun'" in bad.stderr
