@@ -113,11 +113,13 @@ def test_gan602_experiment_has_the_seed_settings(tmp_path):
     assert net.output_range == (-1.0, 1.0)
 
 
-def test_cfm_30min_experiment_trains_the_default_cfm_by_time_on_more_showers(tmp_path):
+def test_cfm_30min_experiment_trains_the_default_cfm_on_more_showers_within_30_minutes(tmp_path):
     default = compose_cfg([], tmp_path)
     cfg = compose_cfg(["+experiment=cfm_30min"], tmp_path)
     assert cfg.model == default.model and cfg.model.net.cell_head > 0        # the default model, unchanged
-    assert cfg.trainer.max_steps is None and cfg.trainer.max_time == 30
+    assert cfg.trainer.max_time == 30 and cfg.trainer.precision == "bf16"
+    # the cosine schedule decays over exactly the run's steps
+    assert cfg.scheduler._target_.endswith("CosineAnnealingLR") and cfg.scheduler.T_max == cfg.trainer.max_steps > 0
     assert cfg.data.n_showers > default.data.n_showers
     caloexp.config.validate_trainer(cfg.trainer)
 
