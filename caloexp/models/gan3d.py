@@ -31,6 +31,7 @@ target at every energy and a short run learns it).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -61,8 +62,13 @@ class Gan3DGenerator(nn.Module):
     def __init__(self, in_shape: int | Sequence[int], out_shape: Sequence[int], cond_dim: int = 0,
                  channels: Sequence[int] = (16, 8, 4), kernels: Sequence[int] = (3, 3, 3),
                  activation: str = "leaky_relu", norm: bool = True, out_activation: str = "relu",
-                 out_bias: float = -1.0, width: float = 1.0):
+                 out_bias: float = -1.0, width: float = 1.0, total_head: int = 0,
+                 power: float = 1.0, scale: float = 1.0):
         super().__init__()
+        if total_head < 0:
+            raise ConfigError(f"model.generator.total_head={total_head}: hidden units of the total head (0: off)")
+        if not power > 0 or not scale > 0:
+            raise ConfigError(f"gan3d generator: power={power}, scale={scale}: need power > 0 and scale > 0")
         self.size = _grid_shape(out_shape)
         chans = [max(1, round(float(c) * width)) for c in channels]  # width: one number for sweeps
         kernels = [int(k) for k in kernels]
@@ -88,6 +94,16 @@ class Gan3DGenerator(nn.Module):
         layers.append(make_activation(out_activation))
         self.body = nn.Sequential(*layers)
         self.chans0 = chans[0]
+        self.power, self.scale = float(power), float(scale)
+        self.total = None
+        if total_head:
+            # the event's total in data units from (condition, latent): log(total / total0); zero-initialised,
+            # so the first showers have the training data's mean total (``total0``, set by Gan3D.prepare)
+            self.total = nn.Sequential(nn.Linear(n_in, int(total_head)), make_activation(activation),
+                                       nn.Linear(int(total_head), 1))
+            nn.init.zeros_(self.total[-1].weight)
+            nn.init.zeros_(self.total[-1].bias)
+        self.register_buffer("total0", torch.ones(()))
 
     def forward(self, z: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         h = z.reshape(len(z), -1)
@@ -95,7 +111,22 @@ class Gan3DGenerator(nn.Module):
             h = torch.cat([cond.to(h.dtype), h], dim=1)  # the original's (E, angle, noise) input
         y = self.body(self.fc(h).reshape(len(z), self.chans0, *self.base))[:, 0]
         lo = [(g - s) // 2 for g, s in zip(y.shape[1:], self.size)]
-        return y[:, lo[0]:lo[0] + self.size[0], lo[1]:lo[1] + self.size[1], lo[2]:lo[2] + self.size[2]]
+        y = y[:, lo[0]:lo[0] + self.size[0], lo[1]:lo[1] + self.size[1], lo[2]:lo[2] + self.size[2]]
+        if self.total is None:
+            return y
+        return rescale_total(y, self.total0 * torch.exp(self.total(h)[:, 0]), self.power, self.scale)
+
+
+def rescale_total(y: torch.Tensor, total: torch.Tensor, power: float, scale: float) -> torch.Tensor:
+    """Network cells y = scale * c^power (N, ...) rescaled so that the data-unit cells c sum to ``total`` (N,).
+
+    Undoing the transform, normalising and redoing it is one factor per event: c -> c * total / sum(c)
+    is y -> y * (total / sum(c))^power. Differentiable in y and total; events with no energy stay empty.
+    """
+    flat = y.reshape(len(y), -1)
+    s = ((flat / scale).clamp_min(0.0) ** (1.0 / power)).sum(dim=1)
+    factor = (total / s.clamp_min(torch.finfo(y.dtype).tiny)) ** power
+    return y * torch.where(s > 0, factor, torch.zeros_like(factor)).reshape(-1, *([1] * (y.dim() - 1)))
 
 
 class Gan3DDiscriminator(nn.Module):
@@ -175,11 +206,17 @@ class Gan3D(AdversarialModel):
         shape = tuple(args[0] if args else kwargs.get("data_shape", ()))
         if len(shape) != 3:
             raise ConfigError(f"model=gan3d needs 3D grid data (x, y, layer); the data has shape {shape}")
+        if not power > 0 or not scale > 0 or not math.isfinite(scale):
+            raise ConfigError(f"model.power={power}, model.scale={scale}: need power > 0 and a finite scale > 0")
+        # the generator's total head rescales in data units: it undoes the same power/scale steps
+        args = list(args)
+        if len(args) > 2:
+            args[2] = functools.partial(args[2], power=float(power), scale=float(scale))
+        else:
+            kwargs["generator"] = functools.partial(kwargs["generator"], power=float(power), scale=float(scale))
         super().__init__(*args, **kwargs)
         if self.n_aux < 1:
             raise ConfigError("model.n_aux must be >= 1 for gan3d (the energy regression head)")
-        if not power > 0 or not scale or not math.isfinite(scale):
-            raise ConfigError(f"model.power={power}, model.scale={scale}: need power > 0 and a finite scale != 0")
         if not 0.0 <= label_flip < 0.5:
             raise ConfigError(f"model.label_flip={label_flip}: must be in [0, 0.5)")
         weights = dict(LOSS_WEIGHTS)
@@ -198,6 +235,15 @@ class Gan3D(AdversarialModel):
         self.energy_fraction = bool(energy_fraction)
         self.count_softness = float(count_softness)
         self.energy_key, self.angle_key = energy_key, angle_key
+
+    def prepare(self, data) -> None:
+        """The generator's total head starts at the training showers' mean total in data units (sum / E)."""
+        net = self.generator.net
+        if getattr(net, "total", None) is None:
+            return
+        totals = torch.cat([((b.x / self.scale).clamp_min(0.0) ** (1.0 / self.power)).reshape(len(b.x), -1).sum(1)
+                            for b in data.train_batches(0, 0, seed=0)])
+        net.total0.fill_(float(totals.double().mean()))
 
     def physical(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Network cells -> GeV cells (the inverse of the data's energy_fraction/power/scale steps)."""
