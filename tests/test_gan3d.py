@@ -14,7 +14,8 @@ from caloexp import metrics
 from caloexp.data.ecal import EcalFiles
 from caloexp.data.sample import Batch, Sample
 from caloexp.errors import ConfigError
-from caloexp.models.gan3d import Gan3D, Gan3DDiscriminator, Gan3DGenerator, mape, rescale_total, soft_counts
+from caloexp.models.gan3d import (Gan3D, Gan3DDiscriminator, Gan3DGenerator, longitudinal_mismatch, mape, rescale_total,
+                                  soft_counts)
 
 from conftest import run_cli
 
@@ -45,7 +46,7 @@ def test_bin_counts_match_the_original_bins():
 
 def test_losses_have_every_term_with_the_original_weights():
     m = small()
-    assert m.loss_weights == {"gan": 3.0, "energy": 0.1, "angle": 25.0, "ecal": 0.1, "counts": 0.1}
+    assert m.loss_weights == {"gan": 3.0, "energy": 0.1, "angle": 25.0, "ecal": 0.1, "counts": 0.1, "profile": 0.0}
     # cells in every bin of the counts, each at least 20 % away from a bin edge (GeV, then x^0.85)
     vals = torch.tensor([0.1, 0.04, 0.025, 0.016, 0.01, 0.005, 0.001])
     pick = torch.randint(0, 7, (4, 12, 12, 6), generator=torch.Generator().manual_seed(1))
@@ -57,15 +58,19 @@ def test_losses_have_every_term_with_the_original_weights():
     out = m.criticise(fake, batch.cond)
     assert out.shape == (4, 2)
     loss, logs = m.aux_loss(out, batch, fake, real=False)
-    assert set(logs) == {"aux/energy", "aux/angle", "aux/ecal", "aux/counts"}
+    assert set(logs) == {"aux/energy", "aux/angle", "aux/ecal", "aux/counts", "aux/profile"}
     w = m.loss_weights
-    want = sum(w[k] * logs[f"aux/{k}"] for k in ("energy", "angle", "ecal", "counts"))
+    want = sum(w[k] * logs[f"aux/{k}"] for k in ("energy", "angle", "ecal", "counts", "profile"))
     assert loss.item() == pytest.approx(want.item(), rel=1e-5)
     _, real_logs = m.aux_loss(m.criticise(x, batch.cond), batch, x, real=True)
     assert set(real_logs) == {"aux/energy", "aux/angle"}
     # the ECAL-sum and bin-count terms vanish for generated showers equal to the real ones
     _, same = m.aux_loss(out, batch, x, real=False)
     assert same["aux/ecal"].item() == pytest.approx(0.0, abs=1e-4) and same["aux/counts"].item() < 1e-3
+    assert same["aux/profile"].item() == pytest.approx(0.0, abs=1e-4)
+    with_profile = small(loss_weights={"profile": 0.5})
+    loss_p, logs_p = with_profile.aux_loss(out, batch, fake, real=False)
+    assert loss_p.item() == pytest.approx(loss.item() + 0.5 * logs_p["aux/profile"].item(), rel=1e-5)
     with pytest.raises(ConfigError, match=r"model.loss_weights: unknown term\(s\) \['angel'\]"):
         small(loss_weights={"angel": 1.0})
     with pytest.raises(ConfigError, match=r"model=gan3d needs 3D grid data"):
@@ -88,6 +93,20 @@ def test_generator_steps_update_the_generator_that_often_per_discriminator_updat
         assert set(steps["generator"]) == {n} and set(steps["critic"]) == {1}
     with pytest.raises(ConfigError, match=r"model.generator_steps=0: must be >= 1"):
         small(generator_steps=0)
+
+
+def test_longitudinal_mismatch_is_the_percent_of_energy_in_the_wrong_layer():
+    real = torch.zeros(2, 2, 2, 4)
+    real[0, 0, 0, 1], real[0, 1, 1, 2] = 3.0, 1.0                 # fractions (0, 0.75, 0.25, 0)
+    real[1, :, :, 0] = 1.0                                        # (1, 0, 0, 0)
+    gen = torch.zeros(2, 2, 2, 4, requires_grad=True)
+    with torch.no_grad():
+        gen[0, 1, 0, 1], gen[0, 0, 0, 3] = 5.0, 5.0               # (0, 0.5, 0, 0.5): 50 % misplaced
+        gen[1, 0, 1, 0] = 7.0                                     # (1, 0, 0, 0): none, whatever the x-y shape
+    loss = longitudinal_mismatch(gen, real)
+    assert loss.item() == pytest.approx((50.0 + 0.0) / 2)
+    loss.backward()
+    assert gen.grad[0, 0, 0, 3] > 0 and gen.grad[0, 1, 0, 1] < 0  # energy moves out of layer 3 into layer 1
 
 
 def test_rescale_total_sets_the_data_unit_sum_exactly_and_is_differentiable():

@@ -2,7 +2,11 @@
 
 Generator: latent noise with the (energy, angle) condition vector -> a dense layer -> a coarse 3D
 grid -> x2 stages (nearest upsampling + 3D conv as the original, or transposed 3D convs) -> ReLU
-cells, centre-cropped to the event shape.
+cells, centre-cropped to the event shape. With ``total_head`` (not in the original) a small MLP on the
+same (condition, latent) input sets each shower's total in data units (sum / E with the default
+transform) and the convs only shape it (:func:`rescale_total`): the ECAL-sum term then trains that
+head, the adversarial loss the shape. Without it the sum was a side effect of every cell and in a
+short run drifted 20-55 % low while the discriminator won.
 Discriminator: strided 3D convolutions -> one linear layer with two outputs: the real/fake logit
 and the primary-energy regression (the auxiliary head, ``n_aux = 1``). As in the original, the
 other auxiliary quantities are *computed from the image* inside the discriminator, in physical
@@ -11,6 +15,9 @@ units (network cells undone: (x / scale)^(1 / power)):
 * the measured incident angle (energy-weighted slope of the per-layer barycentre in y against the
   layer index, weighted by depth), compared with the requested angle (mean absolute error, rad);
 * the ECAL sum, compared with the sum of the real shower of the same conditions (MAPE, %);
+* (not in the original; weight 0 unless set) the longitudinal profile: the percent of the shower's
+  energy in the wrong layer against the real shower of the same conditions
+  (:func:`longitudinal_mismatch`);
 * the counts of cells in 8 bins of cell energy (limits 0.05, 0.03, 0.02, 0.0125, 0.008, 0.003 GeV,
   > 0, = 0, applied to cells^power as the original), compared with the real shower's (MAPE, %). As in
   the original the counts are hard, so the term is monitored but gives no gradient;
@@ -20,7 +27,7 @@ Losses with the original weights (``loss_weights``: real/fake 3, energy 0.1, ang
 bin counts 0.1) and units (Keras' MAPE is in percent; energy targets E / 100 GeV). The discriminator
 minimises 3 x BCE on real and generated showers (labels flipped with probability ``label_flip``,
 the original's BitFlip) plus the energy regression on both; the generator minimises 3 x BCE(D(G), 1)
-plus all four auxiliary terms, ``generator_steps`` times per discriminator update (the original: 2;
+plus the auxiliary terms, ``generator_steps`` times per discriminator update (the original: 2;
 default 1). Every term is logged (``aux/<term>/real|fake``).
 
 ``energy_fraction``, ``power`` and ``scale`` must be the data transform's (an ``energy_fraction`` step,
@@ -46,7 +53,8 @@ from caloexp.models.nets import make_activation
 
 #: The original bin-count limits (GeV cells, before the power transform).
 COUNT_LIMITS = (0.05, 0.03, 0.02, 0.0125, 0.008, 0.003)
-LOSS_WEIGHTS = {"gan": 3.0, "energy": 0.1, "angle": 25.0, "ecal": 0.1, "counts": 0.1}
+#: The original's weights, plus ``profile`` (not in the original; 0 here, the config sets it).
+LOSS_WEIGHTS = {"gan": 3.0, "energy": 0.1, "angle": 25.0, "ecal": 0.1, "counts": 0.1, "profile": 0.0}
 
 
 def _grid_shape(shape: Sequence[int]) -> tuple[int, int, int]:
@@ -57,7 +65,11 @@ def _grid_shape(shape: Sequence[int]) -> tuple[int, int, int]:
 
 
 class Gan3DGenerator(nn.Module):
-    """(latent, condition) -> dense -> (channels[0], coarse grid) -> transposed convs x2 -> (X, Y, Z) cells >= 0."""
+    """(latent, condition) -> dense -> (channels[0], coarse grid) -> transposed convs x2 -> (X, Y, Z) cells >= 0.
+
+    ``total_head`` > 0: hidden units of the head that sets each event's total in data units (module doc);
+    ``power``/``scale`` are the data's (Gan3D passes its own).
+    """
 
     def __init__(self, in_shape: int | Sequence[int], out_shape: Sequence[int], cond_dim: int = 0,
                  channels: Sequence[int] = (16, 8, 4), kernels: Sequence[int] = (3, 3, 3),
@@ -103,7 +115,7 @@ class Gan3DGenerator(nn.Module):
                                        nn.Linear(int(total_head), 1))
             nn.init.zeros_(self.total[-1].weight)
             nn.init.zeros_(self.total[-1].bias)
-        self.register_buffer("total0", torch.ones(()))
+            self.register_buffer("total0", torch.ones(()))
 
     def forward(self, z: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         h = z.reshape(len(z), -1)
@@ -188,6 +200,15 @@ def soft_counts(x: torch.Tensor, limits: torch.Tensor, softness: float) -> torch
     above = torch.zeros(len(x), len(edges), dtype=x.dtype, device=x.device).index_add(0, rows, ramp)
     n = float(flat.shape[1])
     return torch.cat([above[:, :1], above[:, 1:] - above[:, :-1], n - above[:, -1:]], dim=1)
+
+
+def longitudinal_mismatch(cells: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """Percent of the energy in the wrong layer: 50 x sum_z |f_z - f_z^real| of the per-layer energy fractions
+    f_z of each event (N, X, Y, Z) against the real shower of the same conditions, averaged over events."""
+    def fractions(c: torch.Tensor) -> torch.Tensor:
+        per_layer = c.sum(dim=(1, 2))
+        return per_layer / per_layer.sum(dim=1, keepdim=True).clamp_min(torch.finfo(c.dtype).tiny)
+    return 50.0 * (fractions(cells) - fractions(real)).abs().sum(dim=1).mean()
 
 
 def mape(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -289,5 +310,7 @@ class Gan3D(AdversarialModel):
         with torch.no_grad():
             target = soft_counts(real_cells ** self.power, self.count_limits, self.count_softness).clamp_min(1.0)
         counts = mape(soft_counts(cells ** self.power, self.count_limits, self.count_softness), target)
-        logs.update({"aux/ecal": ecal.detach(), "aux/counts": counts.detach()})
-        return w["energy"] * e + w["angle"] * ang + w["ecal"] * ecal + w["counts"] * counts, logs
+        prof = longitudinal_mismatch(cells, real_cells)
+        logs.update({"aux/ecal": ecal.detach(), "aux/counts": counts.detach(), "aux/profile": prof.detach()})
+        return (w["energy"] * e + w["angle"] * ang + w["ecal"] * ecal + w["counts"] * counts
+                + w["profile"] * prof), logs
