@@ -138,6 +138,8 @@ def test_total_head_starts_at_the_training_mean_and_owns_the_total():
     frac = frac / frac.sum(dim=(1, 2, 3), keepdim=True) * torch.linspace(0.8, 1.0, 6).reshape(-1, 1, 1, 1)
     data = SimpleNamespace(train_batches=lambda *a, **k: iter([Batch(100.0 * frac[:4] ** 0.85, torch.rand(4, 2)),
                                                                 Batch(100.0 * frac[4:] ** 0.85, torch.rand(2, 2))]))
+    m.prepare(data, max_events=3)                                              # stops after the first batch
+    assert m.generator.net.total0.item() == pytest.approx(0.86, rel=1e-5)     # mean of 0.80 .. 0.92
     m.prepare(data)
     assert m.generator.net.total0.item() == pytest.approx(0.9, rel=1e-5)      # mean of 0.80 .. 1.00
     cond = torch.rand(5, 2)

@@ -257,14 +257,22 @@ class Gan3D(AdversarialModel):
         self.count_softness = float(count_softness)
         self.energy_key, self.angle_key = energy_key, angle_key
 
-    def prepare(self, data) -> None:
-        """The generator's total head starts at the training showers' mean total in data units (sum / E)."""
+    def prepare(self, data, max_events: int = 2048) -> None:
+        """The generator's total head starts at the mean total in data units (sum / E) of the first
+        ``max_events`` training showers (a streamed data set is not read to its end for it)."""
         net = self.generator.net
         if getattr(net, "total", None) is None:
             return
-        totals = torch.cat([((b.x / self.scale).clamp_min(0.0) ** (1.0 / self.power)).reshape(len(b.x), -1).sum(1)
-                            for b in data.train_batches(0, 0, seed=0)])
-        net.total0.fill_(float(totals.double().mean()))
+        totals, n = [], 0
+        batches = data.train_batches(0, 0, seed=0)
+        for b in batches:
+            totals.append(((b.x / self.scale).clamp_min(0.0) ** (1.0 / self.power)).reshape(len(b.x), -1).sum(1))
+            n += len(b.x)
+            if n >= max_events:
+                break
+        if hasattr(batches, "close"):
+            batches.close()                  # a streamed reader stops its prefetch now
+        net.total0.fill_(float(torch.cat(totals).double().mean()))
 
     def physical(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Network cells -> GeV cells (the inverse of the data's energy_fraction/power/scale steps)."""
