@@ -155,6 +155,19 @@ def test_total_head_starts_at_the_training_mean_and_owns_the_total():
         Gan3DGenerator(8, (12, 12, 6), 2, channels=[4, 2], kernels=[4, 2], total_head=-1)
 
 
+def test_default_config_has_the_total_head_and_the_profile_term_with_the_data_units(tmp_path):
+    # what made the 400-step default meet the physics targets (README): on by default, in the data's units
+    from caloexp.build import instantiate
+    from test_configs import compose_cfg
+
+    cfg = compose_cfg(["model=gan3d", "data=ecal_embedded"], tmp_path)
+    m = instantiate(cfg.model, "model", Gan3D, data_shape=(12, 12, 6), cond_dim=2)
+    net = m.generator.net
+    assert net.total is not None and m.loss_weights["profile"] > 0
+    steps = {s["step"]: s for s in cfg.data.transform.steps}
+    assert (net.power, net.scale) == (m.power, m.scale) == (steps["power"]["p"], steps["scale"]["factor"])
+
+
 def test_every_cell_reaches_the_discriminator():
     # 51 x 51 x 25 is odd along every axis: the last layer and column must still be seen
     d = Gan3DDiscriminator((51, 51, 25), 2, 0, dropout=0.0)
