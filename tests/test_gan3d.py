@@ -14,7 +14,8 @@ from caloexp import metrics
 from caloexp.data.ecal import EcalFiles
 from caloexp.data.sample import Batch, Sample
 from caloexp.errors import ConfigError
-from caloexp.models.gan3d import Gan3D, Gan3DDiscriminator, Gan3DGenerator, mape, soft_counts
+from caloexp.models.gan3d import (Gan3D, Gan3DDiscriminator, Gan3DGenerator, longitudinal_mismatch, mape, rescale_total,
+                                  soft_counts)
 
 from conftest import run_cli
 
@@ -45,7 +46,7 @@ def test_bin_counts_match_the_original_bins():
 
 def test_losses_have_every_term_with_the_original_weights():
     m = small()
-    assert m.loss_weights == {"gan": 3.0, "energy": 0.1, "angle": 25.0, "ecal": 0.1, "counts": 0.1}
+    assert m.loss_weights == {"gan": 3.0, "energy": 0.1, "angle": 25.0, "ecal": 0.1, "counts": 0.1, "profile": 0.0}
     # cells in every bin of the counts, each at least 20 % away from a bin edge (GeV, then x^0.85)
     vals = torch.tensor([0.1, 0.04, 0.025, 0.016, 0.01, 0.005, 0.001])
     pick = torch.randint(0, 7, (4, 12, 12, 6), generator=torch.Generator().manual_seed(1))
@@ -57,15 +58,19 @@ def test_losses_have_every_term_with_the_original_weights():
     out = m.criticise(fake, batch.cond)
     assert out.shape == (4, 2)
     loss, logs = m.aux_loss(out, batch, fake, real=False)
-    assert set(logs) == {"aux/energy", "aux/angle", "aux/ecal", "aux/counts"}
+    assert set(logs) == {"aux/energy", "aux/angle", "aux/ecal", "aux/counts", "aux/profile"}
     w = m.loss_weights
-    want = sum(w[k] * logs[f"aux/{k}"] for k in ("energy", "angle", "ecal", "counts"))
+    want = sum(w[k] * logs[f"aux/{k}"] for k in ("energy", "angle", "ecal", "counts", "profile"))
     assert loss.item() == pytest.approx(want.item(), rel=1e-5)
     _, real_logs = m.aux_loss(m.criticise(x, batch.cond), batch, x, real=True)
     assert set(real_logs) == {"aux/energy", "aux/angle"}
     # the ECAL-sum and bin-count terms vanish for generated showers equal to the real ones
     _, same = m.aux_loss(out, batch, x, real=False)
     assert same["aux/ecal"].item() == pytest.approx(0.0, abs=1e-4) and same["aux/counts"].item() < 1e-3
+    assert same["aux/profile"].item() == pytest.approx(0.0, abs=1e-4)
+    with_profile = small(loss_weights={"profile": 0.5})
+    loss_p, logs_p = with_profile.aux_loss(out, batch, fake, real=False)
+    assert loss_p.item() == pytest.approx(loss.item() + 0.5 * logs_p["aux/profile"].item(), rel=1e-5)
     with pytest.raises(ConfigError, match=r"model.loss_weights: unknown term\(s\) \['angel'\]"):
         small(loss_weights={"angel": 1.0})
     with pytest.raises(ConfigError, match=r"model=gan3d needs 3D grid data"):
@@ -88,6 +93,79 @@ def test_generator_steps_update_the_generator_that_often_per_discriminator_updat
         assert set(steps["generator"]) == {n} and set(steps["critic"]) == {1}
     with pytest.raises(ConfigError, match=r"model.generator_steps=0: must be >= 1"):
         small(generator_steps=0)
+
+
+def test_longitudinal_mismatch_is_the_percent_of_energy_in_the_wrong_layer():
+    real = torch.zeros(2, 2, 2, 4)
+    real[0, 0, 0, 1], real[0, 1, 1, 2] = 3.0, 1.0                 # fractions (0, 0.75, 0.25, 0)
+    real[1, :, :, 0] = 1.0                                        # (1, 0, 0, 0)
+    gen = torch.zeros(2, 2, 2, 4, requires_grad=True)
+    with torch.no_grad():
+        gen[0, 1, 0, 1], gen[0, 0, 0, 3] = 5.0, 5.0               # (0, 0.5, 0, 0.5): 50 % misplaced
+        gen[1, 0, 1, 0] = 7.0                                     # (1, 0, 0, 0): none, whatever the x-y shape
+    loss = longitudinal_mismatch(gen, real)
+    assert loss.item() == pytest.approx((50.0 + 0.0) / 2)
+    loss.backward()
+    assert gen.grad[0, 0, 0, 3] > 0 and gen.grad[0, 1, 0, 1] < 0  # energy moves out of layer 3 into layer 1
+
+
+def test_rescale_total_sets_the_data_unit_sum_exactly_and_is_differentiable():
+    g = torch.Generator().manual_seed(3)
+    y = torch.where(torch.rand(3, 5, 5, 4, generator=g) < 0.4, torch.rand(3, 5, 5, 4, generator=g), torch.zeros(()))
+    y[2] = 0.0                                                    # an empty shower stays empty
+    y.requires_grad_()
+    total = torch.tensor([0.9, 1.3, 0.5], requires_grad=True)
+    out = rescale_total(y, total, 0.85, 100.0)
+    cells = (out / 100.0) ** (1 / 0.85)                           # the data-unit cells (e.g. cells / E)
+    np.testing.assert_allclose(cells[:2].sum(dim=(1, 2, 3)).detach().numpy(), [0.9, 1.3], rtol=1e-5)
+    assert (out[2] == 0).all() and ((out > 0) == (y > 0)).all()   # zeros stay zeros: occupancy is the convs'
+    # one factor per event: the shape is kept, and rescaling back to the old sums returns the input
+    back = rescale_total(out, ((y / 100.0) ** (1 / 0.85)).sum(dim=(1, 2, 3)), 0.85, 100.0)
+    torch.testing.assert_close(back, y, rtol=1e-5, atol=1e-7)
+    (out.sum() + cells[:2].sum()).backward()
+    assert torch.isfinite(y.grad).all() and torch.isfinite(total.grad).all() and (total.grad[:2] > 0).all()
+
+
+def test_total_head_starts_at_the_training_mean_and_owns_the_total():
+    from types import SimpleNamespace
+
+    gen = lambda **a: Gan3DGenerator(**a, channels=[4, 2], kernels=[4, 2], total_head=8,
+                                     out_bias=0.5)   # noqa: E731
+    crit = lambda **a: Gan3DDiscriminator(**a, channels=[2, 4], kernels=[2, 4], dropout=0.0)  # noqa: E731
+    m = Gan3D((12, 12, 6), 2, gen, crit, latent_dim=8, power=0.85, scale=100.0, energy_fraction=True)
+    m.rng = torch.Generator().manual_seed(0)
+    frac = torch.rand(6, 12, 12, 6, generator=torch.Generator().manual_seed(4)) ** 6
+    frac = frac / frac.sum(dim=(1, 2, 3), keepdim=True) * torch.linspace(0.8, 1.0, 6).reshape(-1, 1, 1, 1)
+    data = SimpleNamespace(train_batches=lambda *a, **k: iter([Batch(100.0 * frac[:4] ** 0.85, torch.rand(4, 2)),
+                                                                Batch(100.0 * frac[4:] ** 0.85, torch.rand(2, 2))]))
+    m.prepare(data, max_events=3)                                              # stops after the first batch
+    assert m.generator.net.total0.item() == pytest.approx(0.86, rel=1e-5)     # mean of 0.80 .. 0.92
+    m.prepare(data)
+    assert m.generator.net.total0.item() == pytest.approx(0.9, rel=1e-5)      # mean of 0.80 .. 1.00
+    cond = torch.rand(5, 2)
+    energy = torch.tensor([5.0, 20.0, 80.0, 200.0, 450.0])
+    batch = Batch(100.0 * frac[:5] ** 0.85, cond, {"energy": energy, "theta": torch.full((5,), math.pi / 2)})
+    fake = m.generate(cond)
+    sums = m.physical(fake, batch).sum(dim=(1, 2, 3))
+    np.testing.assert_allclose((sums / energy).detach().numpy(), 0.9, rtol=1e-5)   # sum / E = the head's total
+    # the ECAL-sum term reaches the head (sums 0.9 E against real ones of 0.80-0.96 E: the head must go down)
+    mape(sums, m.physical(batch.x, batch).sum(dim=(1, 2, 3))).backward()
+    assert m.generator.net.total[-1].bias.grad.item() > 0
+    with pytest.raises(ConfigError, match=r"total_head=-1"):
+        Gan3DGenerator(8, (12, 12, 6), 2, channels=[4, 2], kernels=[4, 2], total_head=-1)
+
+
+def test_default_config_has_the_total_head_and_the_profile_term_with_the_data_units(tmp_path):
+    # what made the 400-step default meet the physics targets (README): on by default, in the data's units
+    from caloexp.build import instantiate
+    from test_configs import compose_cfg
+
+    cfg = compose_cfg(["model=gan3d", "data=ecal_embedded"], tmp_path)
+    m = instantiate(cfg.model, "model", Gan3D, data_shape=(12, 12, 6), cond_dim=2)
+    net = m.generator.net
+    assert net.total is not None and m.loss_weights["profile"] > 0
+    steps = {s["step"]: s for s in cfg.data.transform.steps}
+    assert (net.power, net.scale) == (m.power, m.scale) == (steps["power"]["p"], steps["scale"]["factor"])
 
 
 def test_every_cell_reaches_the_discriminator():

@@ -2,7 +2,11 @@
 
 Generator: latent noise with the (energy, angle) condition vector -> a dense layer -> a coarse 3D
 grid -> x2 stages (nearest upsampling + 3D conv as the original, or transposed 3D convs) -> ReLU
-cells, centre-cropped to the event shape.
+cells, centre-cropped to the event shape. With ``total_head`` (not in the original) a small MLP on the
+same (condition, latent) input sets each shower's total in data units (sum / E with the default
+transform) and the convs only shape it (:func:`rescale_total`): the ECAL-sum term then trains that
+head, the adversarial loss the shape. Without it the sum was a side effect of every cell and in a
+short run drifted 20-55 % low while the discriminator won.
 Discriminator: strided 3D convolutions -> one linear layer with two outputs: the real/fake logit
 and the primary-energy regression (the auxiliary head, ``n_aux = 1``). As in the original, the
 other auxiliary quantities are *computed from the image* inside the discriminator, in physical
@@ -11,6 +15,9 @@ units (network cells undone: (x / scale)^(1 / power)):
 * the measured incident angle (energy-weighted slope of the per-layer barycentre in y against the
   layer index, weighted by depth), compared with the requested angle (mean absolute error, rad);
 * the ECAL sum, compared with the sum of the real shower of the same conditions (MAPE, %);
+* (not in the original; weight 0 unless set) the longitudinal profile: the percent of the shower's
+  energy in the wrong layer against the real shower of the same conditions
+  (:func:`longitudinal_mismatch`);
 * the counts of cells in 8 bins of cell energy (limits 0.05, 0.03, 0.02, 0.0125, 0.008, 0.003 GeV,
   > 0, = 0, applied to cells^power as the original), compared with the real shower's (MAPE, %). As in
   the original the counts are hard, so the term is monitored but gives no gradient;
@@ -20,7 +27,7 @@ Losses with the original weights (``loss_weights``: real/fake 3, energy 0.1, ang
 bin counts 0.1) and units (Keras' MAPE is in percent; energy targets E / 100 GeV). The discriminator
 minimises 3 x BCE on real and generated showers (labels flipped with probability ``label_flip``,
 the original's BitFlip) plus the energy regression on both; the generator minimises 3 x BCE(D(G), 1)
-plus all four auxiliary terms, ``generator_steps`` times per discriminator update (the original: 2;
+plus the auxiliary terms, ``generator_steps`` times per discriminator update (the original: 2;
 default 1). Every term is logged (``aux/<term>/real|fake``).
 
 ``energy_fraction``, ``power`` and ``scale`` must be the data transform's (an ``energy_fraction`` step,
@@ -31,6 +38,7 @@ target at every energy and a short run learns it).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -45,7 +53,8 @@ from caloexp.models.nets import make_activation
 
 #: The original bin-count limits (GeV cells, before the power transform).
 COUNT_LIMITS = (0.05, 0.03, 0.02, 0.0125, 0.008, 0.003)
-LOSS_WEIGHTS = {"gan": 3.0, "energy": 0.1, "angle": 25.0, "ecal": 0.1, "counts": 0.1}
+#: The original's weights, plus ``profile`` (not in the original; 0 here, the config sets it).
+LOSS_WEIGHTS = {"gan": 3.0, "energy": 0.1, "angle": 25.0, "ecal": 0.1, "counts": 0.1, "profile": 0.0}
 
 
 def _grid_shape(shape: Sequence[int]) -> tuple[int, int, int]:
@@ -56,13 +65,22 @@ def _grid_shape(shape: Sequence[int]) -> tuple[int, int, int]:
 
 
 class Gan3DGenerator(nn.Module):
-    """(latent, condition) -> dense -> (channels[0], coarse grid) -> transposed convs x2 -> (X, Y, Z) cells >= 0."""
+    """(latent, condition) -> dense -> (channels[0], coarse grid) -> transposed convs x2 -> (X, Y, Z) cells >= 0.
+
+    ``total_head`` > 0: hidden units of the head that sets each event's total in data units (module doc);
+    ``power``/``scale`` are the data's (Gan3D passes its own).
+    """
 
     def __init__(self, in_shape: int | Sequence[int], out_shape: Sequence[int], cond_dim: int = 0,
                  channels: Sequence[int] = (16, 8, 4), kernels: Sequence[int] = (3, 3, 3),
                  activation: str = "leaky_relu", norm: bool = True, out_activation: str = "relu",
-                 out_bias: float = -1.0, width: float = 1.0):
+                 out_bias: float = -1.0, width: float = 1.0, total_head: int = 0,
+                 power: float = 1.0, scale: float = 1.0):
         super().__init__()
+        if total_head < 0:
+            raise ConfigError(f"model.generator.total_head={total_head}: hidden units of the total head (0: off)")
+        if not power > 0 or not scale > 0:
+            raise ConfigError(f"gan3d generator: power={power}, scale={scale}: need power > 0 and scale > 0")
         self.size = _grid_shape(out_shape)
         chans = [max(1, round(float(c) * width)) for c in channels]  # width: one number for sweeps
         kernels = [int(k) for k in kernels]
@@ -88,6 +106,16 @@ class Gan3DGenerator(nn.Module):
         layers.append(make_activation(out_activation))
         self.body = nn.Sequential(*layers)
         self.chans0 = chans[0]
+        self.power, self.scale = float(power), float(scale)
+        self.total = None
+        if total_head:
+            # the event's total in data units from (condition, latent): log(total / total0); zero-initialised,
+            # so the first showers have the training data's mean total (``total0``, set by Gan3D.prepare)
+            self.total = nn.Sequential(nn.Linear(n_in, int(total_head)), make_activation(activation),
+                                       nn.Linear(int(total_head), 1))
+            nn.init.zeros_(self.total[-1].weight)
+            nn.init.zeros_(self.total[-1].bias)
+            self.register_buffer("total0", torch.ones(()))
 
     def forward(self, z: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         h = z.reshape(len(z), -1)
@@ -95,7 +123,22 @@ class Gan3DGenerator(nn.Module):
             h = torch.cat([cond.to(h.dtype), h], dim=1)  # the original's (E, angle, noise) input
         y = self.body(self.fc(h).reshape(len(z), self.chans0, *self.base))[:, 0]
         lo = [(g - s) // 2 for g, s in zip(y.shape[1:], self.size)]
-        return y[:, lo[0]:lo[0] + self.size[0], lo[1]:lo[1] + self.size[1], lo[2]:lo[2] + self.size[2]]
+        y = y[:, lo[0]:lo[0] + self.size[0], lo[1]:lo[1] + self.size[1], lo[2]:lo[2] + self.size[2]]
+        if self.total is None:
+            return y
+        return rescale_total(y, self.total0 * torch.exp(self.total(h)[:, 0]), self.power, self.scale)
+
+
+def rescale_total(y: torch.Tensor, total: torch.Tensor, power: float, scale: float) -> torch.Tensor:
+    """Network cells y = scale * c^power (N, ...) rescaled so that the data-unit cells c sum to ``total`` (N,).
+
+    Undoing the transform, normalising and redoing it is one factor per event: c -> c * total / sum(c)
+    is y -> y * (total / sum(c))^power. Differentiable in y and total; events with no energy stay empty.
+    """
+    flat = y.reshape(len(y), -1)
+    s = ((flat / scale).clamp_min(0.0) ** (1.0 / power)).sum(dim=1)
+    factor = (total / s.clamp_min(torch.finfo(y.dtype).tiny)) ** power
+    return y * torch.where(s > 0, factor, torch.zeros_like(factor)).reshape(-1, *([1] * (y.dim() - 1)))
 
 
 class Gan3DDiscriminator(nn.Module):
@@ -159,6 +202,15 @@ def soft_counts(x: torch.Tensor, limits: torch.Tensor, softness: float) -> torch
     return torch.cat([above[:, :1], above[:, 1:] - above[:, :-1], n - above[:, -1:]], dim=1)
 
 
+def longitudinal_mismatch(cells: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """Percent of the energy in the wrong layer: 50 x sum_z |f_z - f_z^real| of the per-layer energy fractions
+    f_z of each event (N, X, Y, Z) against the real shower of the same conditions, averaged over events."""
+    def fractions(c: torch.Tensor) -> torch.Tensor:
+        per_layer = c.sum(dim=(1, 2))
+        return per_layer / per_layer.sum(dim=1, keepdim=True).clamp_min(torch.finfo(c.dtype).tiny)
+    return 50.0 * (fractions(cells) - fractions(real)).abs().sum(dim=1).mean()
+
+
 def mape(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Keras' mean absolute percentage error (percent; denominators at least 1e-7 as in Keras)."""
     return 100.0 * ((pred - target).abs() / target.abs().clamp_min(1e-7)).mean()
@@ -175,11 +227,17 @@ class Gan3D(AdversarialModel):
         shape = tuple(args[0] if args else kwargs.get("data_shape", ()))
         if len(shape) != 3:
             raise ConfigError(f"model=gan3d needs 3D grid data (x, y, layer); the data has shape {shape}")
+        if not power > 0 or not scale > 0 or not math.isfinite(scale):
+            raise ConfigError(f"model.power={power}, model.scale={scale}: need power > 0 and a finite scale > 0")
+        # the generator's total head rescales in data units: it undoes the same power/scale steps
+        args = list(args)
+        if len(args) > 2:
+            args[2] = functools.partial(args[2], power=float(power), scale=float(scale))
+        else:
+            kwargs["generator"] = functools.partial(kwargs["generator"], power=float(power), scale=float(scale))
         super().__init__(*args, **kwargs)
         if self.n_aux < 1:
             raise ConfigError("model.n_aux must be >= 1 for gan3d (the energy regression head)")
-        if not power > 0 or not scale or not math.isfinite(scale):
-            raise ConfigError(f"model.power={power}, model.scale={scale}: need power > 0 and a finite scale != 0")
         if not 0.0 <= label_flip < 0.5:
             raise ConfigError(f"model.label_flip={label_flip}: must be in [0, 0.5)")
         weights = dict(LOSS_WEIGHTS)
@@ -198,6 +256,23 @@ class Gan3D(AdversarialModel):
         self.energy_fraction = bool(energy_fraction)
         self.count_softness = float(count_softness)
         self.energy_key, self.angle_key = energy_key, angle_key
+
+    def prepare(self, data, max_events: int = 2048) -> None:
+        """The generator's total head starts at the mean total in data units (sum / E) of the first
+        ``max_events`` training showers (a streamed data set is not read to its end for it)."""
+        net = self.generator.net
+        if getattr(net, "total", None) is None:
+            return
+        totals, n = [], 0
+        batches = data.train_batches(0, 0, seed=0)
+        for b in batches:
+            totals.append(((b.x / self.scale).clamp_min(0.0) ** (1.0 / self.power)).reshape(len(b.x), -1).sum(1))
+            n += len(b.x)
+            if n >= max_events:
+                break
+        if hasattr(batches, "close"):
+            batches.close()                  # a streamed reader stops its prefetch now
+        net.total0.fill_(float(torch.cat(totals).double().mean()))
 
     def physical(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Network cells -> GeV cells (the inverse of the data's energy_fraction/power/scale steps)."""
@@ -243,5 +318,7 @@ class Gan3D(AdversarialModel):
         with torch.no_grad():
             target = soft_counts(real_cells ** self.power, self.count_limits, self.count_softness).clamp_min(1.0)
         counts = mape(soft_counts(cells ** self.power, self.count_limits, self.count_softness), target)
-        logs.update({"aux/ecal": ecal.detach(), "aux/counts": counts.detach()})
-        return w["energy"] * e + w["angle"] * ang + w["ecal"] * ecal + w["counts"] * counts, logs
+        prof = longitudinal_mismatch(cells, real_cells)
+        logs.update({"aux/ecal": ecal.detach(), "aux/counts": counts.detach(), "aux/profile": prof.detach()})
+        return (w["energy"] * e + w["angle"] * ang + w["ecal"] * ecal + w["counts"] * counts
+                + w["profile"] * prof), logs
