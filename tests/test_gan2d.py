@@ -96,7 +96,7 @@ def test_total_head_sets_each_showers_total_in_data_units_exactly_and_trains():
     nets = dict(generator=partial(ConvGenerator, channels=[8, 4], out_activation="relu"),
                 critic=partial(ConvCritic, channels=[4, 8], head_width=8))
     model = GAN2D((23, 19), 1, geometry="dataset_1_photons", latent_dim=8, total_head=16, power=0.5, scale=2.0,
-                  **nets)
+                  total_weight=1.0, **nets)
     # prepare: the head starts at the mean of sum((x / scale)^(1 / power)) over the training batches
     x = torch.rand(6, 23, 19) * model.generator.net.mask
     data = SimpleNamespace(train_batches=lambda epoch, start, seed: iter([SimpleNamespace(x=x[:4]),
@@ -115,8 +115,21 @@ def test_total_head_sets_each_showers_total_in_data_units_exactly_and_trains():
     # differentiable: the shape reaches the convs, the total the head (its last layer gets a gradient)
     out.reshape(5, -1)[:, pixel[0]].sum().backward()
     assert net.total[-1].weight.grad.abs().sum() > 0 and net.net.fc.weight.grad.abs().sum() > 0
+    # the total term: relative squared error of generated totals; the rescale leaves it to the head alone
+    model.zero_grad()
+    fake = model.generator.sample(cond, torch.Generator().manual_seed(1))
+    loss, logs = model.aux_loss(None, SimpleNamespace(x=x[:5]), fake, real=False)
+    t_fake, t_real = ((fake / 2.0) ** 2).sum(dim=(1, 2)), ((x[:5] / 2.0) ** 2).sum(dim=(1, 2))
+    want = ((t_fake - t_real) ** 2).mean() / t_real.mean() ** 2
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(logs["aux/total"], want)
+    loss.backward()
+    assert net.total[-1].bias.grad.abs() > 0 and net.net.fc.weight.grad.abs().max() < 1e-5 * net.total[-1].bias.grad.abs()
+    assert model.aux_loss(None, SimpleNamespace(x=x[:5]), fake, real=True)[0] == 0.0
     with pytest.raises(ConfigError, match="the total head needs padding at 0"):
         GAN2D((23, 19), 1, geometry="dataset_1_photons", fill=-1.0, total_head=4, **nets)
+    with pytest.raises(ConfigError, match="model.total_weight=1.0: needs >= 0 and model.total_head > 0"):
+        GAN2D((23, 19), 1, total_weight=1.0, **nets)
     with pytest.raises(ConfigError, match="model.total_head=4, model.power=0.0"):
         GAN2D((23, 19), 1, total_head=4, power=0.0, **nets)
 
