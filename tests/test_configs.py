@@ -113,7 +113,7 @@ def test_gan602_experiment_has_the_seed_settings(tmp_path):
     # the total head rescales in the data's units: model.power/scale are the transform's, pixels >= 0, padding 0
     steps = {s.step: s for s in cfg.data.transform.steps}
     assert cfg.model.total_head > 0 and net.generator.net.total is not None and net.output_range is None
-    assert net.total_weight == cfg.model.total_weight > 0
+    assert net.total_weight == cfg.model.total_weight > 0 and net.threshold == 1.0 and "energy_fraction" in steps
     assert "normalise" not in steps and "log" not in steps and steps["calo_image"].fill == cfg.model.fill == 0
     assert cfg.model.power == steps["power"].p and cfg.model.scale == steps.get("scale", {"factor": 1.0})["factor"]
 

@@ -127,6 +127,11 @@ def test_total_head_sets_each_showers_total_in_data_units_exactly_and_trains():
     loss.backward()
     assert net.total[-1].bias.grad.abs() > 0 and net.net.fc.weight.grad.abs().max() < 1e-5 * net.total[-1].bias.grad.abs()
     assert model.aux_loss(None, SimpleNamespace(x=x[:5]), fake, real=True)[0] == 0.0
+    # threshold (MeV): a pixel counts where its voxel c x E_inc reaches it, as the evaluation cuts voxels
+    model.threshold = 1.0
+    e, c = torch.full((5,), 40.0), (x[:5] / 2.0) ** 2
+    torch.testing.assert_close(model.total(x[:5], e), (c * (c * 40.0 >= 1.0)).sum(dim=(1, 2)))
+    assert torch.all(model.total(x[:5], e) < model.total(x[:5]))
     with pytest.raises(ConfigError, match="the total head needs padding at 0"):
         GAN2D((23, 19), 1, geometry="dataset_1_photons", fill=-1.0, total_head=4, **nets)
     with pytest.raises(ConfigError, match="model.total_weight=1.0: needs >= 0 and model.total_head > 0"):
