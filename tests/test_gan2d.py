@@ -125,7 +125,8 @@ def test_total_head_sets_each_showers_total_in_data_units_exactly_and_trains():
     torch.testing.assert_close(loss, want)
     torch.testing.assert_close(logs["aux/total"], want)
     loss.backward()
-    assert net.total[-1].bias.grad.abs() > 0 and net.net.fc.weight.grad.abs().max() < 1e-5 * net.total[-1].bias.grad.abs()
+    head = net.total[-1].bias.grad.abs()
+    assert head > 0 and net.net.fc.weight.grad.abs().max() < 1e-5 * head
     assert model.aux_loss(None, SimpleNamespace(x=x[:5]), fake, real=True)[0] == 0.0
     # threshold (MeV): a pixel counts where its voxel c x E_inc reaches it, as the evaluation cuts voxels
     model.threshold = 1.0
