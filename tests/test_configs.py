@@ -110,7 +110,12 @@ def test_gan602_experiment_has_the_seed_settings(tmp_path):
     d = build_optimizer(cfg.optimizer, "critic", net.roles, net.parameters_for("critic"))
     assert isinstance(g, torch.optim.Adam) and g.param_groups[0]["betas"] == (0.5, 0.999)
     assert g.param_groups[0]["lr"] == 1.5e-4 and d.param_groups[0]["lr"] == 1e-4
-    assert net.output_range == (-1.0, 1.0)
+    # the total head rescales in the data's units: model.power/scale are the transform's, pixels >= 0, padding 0
+    steps = {s.step: s for s in cfg.data.transform.steps}
+    assert cfg.model.total_head > 0 and net.generator.net.total is not None and net.output_range is None
+    assert net.total_weight == cfg.model.total_weight > 0 and net.threshold == 1.0 and "energy_fraction" in steps
+    assert "normalise" not in steps and "log" not in steps and steps["calo_image"].fill == cfg.model.fill == 0
+    assert cfg.model.power == steps["power"].p and cfg.model.scale == steps.get("scale", {"factor": 1.0})["factor"]
 
 
 def test_cfm_30min_experiment_trains_the_default_cfm_on_more_showers_within_30_minutes(tmp_path):

@@ -86,6 +86,61 @@ def test_generated_padding_is_the_fill_and_shapes_are_checked():
         GAN2D((23, 19), 1, geometry="dataset_1_pions", **nets)
 
 
+def test_total_head_sets_each_showers_total_in_data_units_exactly_and_trains():
+    from functools import partial
+    from types import SimpleNamespace
+
+    from caloexp.models.gan2d import GAN2D
+    from caloexp.models.nets import ConvCritic, ConvGenerator
+
+    nets = dict(generator=partial(ConvGenerator, channels=[8, 4], out_activation="relu"),
+                critic=partial(ConvCritic, channels=[4, 8], head_width=8))
+    torch.manual_seed(0)
+    model = GAN2D((23, 19), 1, geometry="dataset_1_photons", latent_dim=8, total_head=16, power=0.5, scale=2.0,
+                  total_weight=1.0, **nets)
+    # prepare: the head starts at the mean of sum((x / scale)^(1 / power)) over the training batches
+    x = torch.rand(6, 23, 19) * model.generator.net.mask
+    data = SimpleNamespace(train_batches=lambda epoch, start, seed: iter([SimpleNamespace(x=x[:4]),
+                                                                           SimpleNamespace(x=x[4:])]))
+    model.prepare(data)
+    net = model.generator.net
+    assert float(net.total0) == pytest.approx(float(((x / 2.0) ** 2).sum(dim=(1, 2)).mean()), rel=1e-6)
+    with torch.no_grad():
+        net.total[-1].bias.fill_(0.3)      # log(total / total0) = 0.3 for every shower
+    cond = torch.rand(5, 1)
+    out = model.generator.sample(cond, torch.Generator().manual_seed(0))
+    total = ((out / 2.0) ** 2).sum(dim=(1, 2))
+    torch.testing.assert_close(total, net.total0 * torch.exp(torch.tensor(0.3)).expand(5), rtol=1e-5, atol=0)
+    _, pixel = calo_image_layout(layers(PHOTONS))
+    assert torch.all(out.reshape(5, -1)[:, np.setdiff1d(np.arange(23 * 19), pixel)] == 0) and out.min() >= 0
+    # differentiable: the shape reaches the convs, the total the head (its last layer gets a gradient)
+    out.sum().backward()          # the sum of sqrt pixels is not fixed by the total: both parts get a gradient
+    assert net.total[-1].weight.grad.abs().sum() > 0 and net.net.fc.weight.grad.abs().sum() > 0
+    # the total term: relative squared error of generated totals; the rescale leaves it to the head alone
+    model.zero_grad()
+    fake = model.generator.sample(cond, torch.Generator().manual_seed(1))
+    loss, logs = model.aux_loss(None, SimpleNamespace(x=x[:5]), fake, real=False)
+    t_fake, t_real = ((fake / 2.0) ** 2).sum(dim=(1, 2)), ((x[:5] / 2.0) ** 2).sum(dim=(1, 2))
+    want = ((t_fake - t_real) ** 2).mean() / t_real.mean() ** 2
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(logs["aux/total"], want)
+    loss.backward()
+    head = net.total[-1].bias.grad.abs()
+    assert head > 0 and net.net.fc.weight.grad.abs().max() < 1e-5 * head
+    assert model.aux_loss(None, SimpleNamespace(x=x[:5]), fake, real=True)[0] == 0.0
+    # threshold (MeV): a pixel counts where its voxel c x E_inc reaches it, as the evaluation cuts voxels
+    model.threshold = 1.0
+    e, c = torch.full((5,), 40.0), (x[:5] / 2.0) ** 2
+    torch.testing.assert_close(model.total(x[:5], e), (c * (c * 40.0 >= 1.0)).sum(dim=(1, 2)))
+    assert torch.all(model.total(x[:5], e) < model.total(x[:5]))
+    with pytest.raises(ConfigError, match="the total head needs padding at 0"):
+        GAN2D((23, 19), 1, geometry="dataset_1_photons", fill=-1.0, total_head=4, **nets)
+    with pytest.raises(ConfigError, match="model.total_weight=1.0: needs >= 0 and model.total_head > 0"):
+        GAN2D((23, 19), 1, total_weight=1.0, **nets)
+    with pytest.raises(ConfigError, match="model.total_head=4, model.power=0.0"):
+        GAN2D((23, 19), 1, total_head=4, power=0.0, **nets)
+
+
 def test_projections_are_sums_over_alpha_and_compare_honestly():
     from caloexp import metrics
 

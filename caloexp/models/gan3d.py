@@ -49,7 +49,7 @@ from torch import nn
 from caloexp.errors import ConfigError
 from caloexp.metrics.grid import measured_angle
 from caloexp.models.base import AdversarialModel, Batch
-from caloexp.models.nets import make_activation
+from caloexp.models.nets import make_activation, mean_total, rescale_total
 
 #: The original bin-count limits (GeV cells, before the power transform).
 COUNT_LIMITS = (0.05, 0.03, 0.02, 0.0125, 0.008, 0.003)
@@ -127,18 +127,6 @@ class Gan3DGenerator(nn.Module):
         if self.total is None:
             return y
         return rescale_total(y, self.total0 * torch.exp(self.total(h)[:, 0]), self.power, self.scale)
-
-
-def rescale_total(y: torch.Tensor, total: torch.Tensor, power: float, scale: float) -> torch.Tensor:
-    """Network cells y = scale * c^power (N, ...) rescaled so that the data-unit cells c sum to ``total`` (N,).
-
-    Undoing the transform, normalising and redoing it is one factor per event: c -> c * total / sum(c)
-    is y -> y * (total / sum(c))^power. Differentiable in y and total; events with no energy stay empty.
-    """
-    flat = y.reshape(len(y), -1)
-    s = ((flat / scale).clamp_min(0.0) ** (1.0 / power)).sum(dim=1)
-    factor = (total / s.clamp_min(torch.finfo(y.dtype).tiny)) ** power
-    return y * torch.where(s > 0, factor, torch.zeros_like(factor)).reshape(-1, *([1] * (y.dim() - 1)))
 
 
 class Gan3DDiscriminator(nn.Module):
@@ -259,20 +247,10 @@ class Gan3D(AdversarialModel):
 
     def prepare(self, data, max_events: int = 2048) -> None:
         """The generator's total head starts at the mean total in data units (sum / E) of the first
-        ``max_events`` training showers (a streamed data set is not read to its end for it)."""
+        ``max_events`` training showers (:func:`~caloexp.models.nets.mean_total`)."""
         net = self.generator.net
-        if getattr(net, "total", None) is None:
-            return
-        totals, n = [], 0
-        batches = data.train_batches(0, 0, seed=0)
-        for b in batches:
-            totals.append(((b.x / self.scale).clamp_min(0.0) ** (1.0 / self.power)).reshape(len(b.x), -1).sum(1))
-            n += len(b.x)
-            if n >= max_events:
-                break
-        if hasattr(batches, "close"):
-            batches.close()                  # a streamed reader stops its prefetch now
-        net.total0.fill_(float(torch.cat(totals).double().mean()))
+        if getattr(net, "total", None) is not None:
+            net.total0.fill_(mean_total(data, self.power, self.scale, max_events))
 
     def physical(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Network cells -> GeV cells (the inverse of the data's energy_fraction/power/scale steps)."""

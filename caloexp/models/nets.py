@@ -185,3 +185,30 @@ class ConvCritic(nn.Module):
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         h = self.body(x.reshape(len(x), self.channels_in, *x.shape[-self.dims:])).reshape(len(x), -1)
         return self.head(_with_cond(h, cond)).reshape(len(x), *self.out_shape)
+
+
+def rescale_total(y: torch.Tensor, total: torch.Tensor, power: float, scale: float) -> torch.Tensor:
+    """Network cells y = scale * c^power (N, ...) rescaled so that the data-unit cells c sum to ``total`` (N,).
+
+    Undoing the transform, normalising and redoing it is one factor per event: c -> c * total / sum(c)
+    is y -> y * (total / sum(c))^power. Differentiable in y and total; events with no energy stay empty.
+    """
+    flat = y.reshape(len(y), -1)
+    s = ((flat / scale).clamp_min(0.0) ** (1.0 / power)).sum(dim=1)
+    factor = (total / s.clamp_min(torch.finfo(y.dtype).tiny)) ** power
+    return y * torch.where(s > 0, factor, torch.zeros_like(factor)).reshape(-1, *([1] * (y.dim() - 1)))
+
+
+def mean_total(data, power: float, scale: float, max_events: int = 2048) -> float:
+    """Mean total in data units (sum of (x / scale)^(1 / power)) of the first ``max_events`` training events of a
+    set-up DataModule (a streamed data set is not read to its end for it): where a total head starts."""
+    totals, n = [], 0
+    batches = data.train_batches(0, 0, seed=0)
+    for b in batches:
+        totals.append(((b.x / scale).clamp_min(0.0) ** (1.0 / power)).reshape(len(b.x), -1).sum(1))
+        n += len(b.x)
+        if n >= max_events:
+            break
+    if hasattr(batches, "close"):
+        batches.close()                  # a streamed reader stops its prefetch now
+    return float(torch.cat(totals).double().mean())
