@@ -83,10 +83,7 @@ def class_labels(fractions: list[float], requested: Any, n: int, seed: int) -> n
 
 def generate(cfg: DictConfig) -> Path:
     device = runtime.pick_device(str(cfg.device))
-    precision = str(cfg.get("precision", "32"))
-    if precision not in ("32", "bf16"):
-        raise ConfigError(f"precision={precision}: choose 32 or bf16 (bfloat16 matmuls; faster on AMX CPUs and GPUs)")
-    cast = runtime.Runtime(device, precision).autocast
+    cast = runtime.Runtime(device, runtime.check_precision(cfg.get("precision", "32"), device, "precision")).autocast
     gen, spec = sampling.load(str(cfg.source), cfg.tracking_uri, device)
     n = None if cfg.n_showers is None else int(cfg.n_showers)
     if n is not None and n < 1:

@@ -89,12 +89,13 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     raise ConfigError(f"trainer.device={name}: choose auto, cpu, cuda, cuda:N or mps")
 
 
-def check_precision(precision: str, device: torch.device) -> str:
+def check_precision(precision: str, device: torch.device, key: str = "trainer.precision") -> str:
+    """The canonical name (32 | bf16 | 16) of a precision setting ``key``; a bad one is one line."""
     p = PRECISIONS.get(str(precision))
     if p is None:
-        raise ConfigError(f"trainer.precision={precision}: choose 32, bf16 or 16 (fp16, CUDA only)")
+        raise ConfigError(f"{key}={precision}: choose 32, bf16 or 16 (fp16, CUDA only)")
     if p == "16" and device.type != "cuda":
-        raise ConfigError(f"trainer.precision={precision}: fp16 with grad scaling needs CUDA (use bf16 or 32 on {device.type})")
+        raise ConfigError(f"{key}={precision}: fp16 needs CUDA (use bf16 or 32 on {device.type})")
     return p
 
 

@@ -342,6 +342,8 @@ class LayerEnergies(Step):
         self.dequantise, self.delta = float(dequantise), float(delta)
         self.register_buffer("layer_of", torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)),
                              persistent=False)
+        ends = np.cumsum(sizes).tolist()
+        self.slices = list(zip([0, *ends[:-1]], ends))      # each layer's voxel range
 
     @property
     def out_shape(self) -> tuple[int, ...]:
@@ -351,17 +353,13 @@ class LayerEnergies(Step):
         return {"layers": list(self.layers), "key": self.key, "alpha": self.alpha, "alpha_e": self.alpha_e,
                 "threshold": self.threshold, "dequantise": self.dequantise, "delta": self.delta}
 
-    def _slices(self) -> list[tuple[int, int]]:
-        ends = [sum(self.layers[:i + 1]) for i in range(len(self.layers))]
-        return list(zip([0, *ends[:-1]], ends))
-
     def _layer_sums(self, x: Tensor) -> Tensor:
         """(N, V) -> (N, L) per-layer sums. The layers are contiguous voxel ranges: slice reductions
         (several times faster than index_add or scatter over the voxel axis, and exportable)."""
-        return torch.stack([x[:, a:b].sum(1) for a, b in self._slices()], 1)
+        return torch.stack([x[:, a:b].sum(1) for a, b in self.slices], 1)
 
     def _layer_max(self, x: Tensor) -> Tensor:
-        return torch.stack([x[:, a:b].amax(1) for a, b in self._slices()], 1)
+        return torch.stack([x[:, a:b].amax(1) for a, b in self.slices], 1)
 
     def _per_voxel(self, v: Tensor) -> Tensor:
         """(N, L) -> (N, V): each layer's value at its voxels."""

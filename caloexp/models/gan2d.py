@@ -34,7 +34,7 @@ from caloexp import geometry as geo
 from caloexp.data.transforms import calo_image_layout
 from caloexp.errors import ConfigError
 from caloexp.models.gan import GAN
-from caloexp.models.nets import make_activation, mean_total, rescale_total
+from caloexp.models.nets import mean_total, rescale_total, total_head as total_head_mlp
 
 
 class PaddedImage(nn.Module):
@@ -51,10 +51,7 @@ class PaddedImage(nn.Module):
         if total_head:
             # log(total / total0) from (latent, condition); zero-initialised: the first showers have the
             # training data's mean total (``total0``, set by GAN2D.prepare)
-            self.total = nn.Sequential(nn.Linear(int(n_in), int(total_head)), make_activation(activation),
-                                       nn.Linear(int(total_head), 1))
-            nn.init.zeros_(self.total[-1].weight)
-            nn.init.zeros_(self.total[-1].bias)
+            self.total = total_head_mlp(n_in, total_head, activation)
             self.register_buffer("total0", torch.ones(()))
 
     @property

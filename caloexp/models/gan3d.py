@@ -49,7 +49,7 @@ from torch import nn
 from caloexp.errors import ConfigError
 from caloexp.metrics.grid import measured_angle
 from caloexp.models.base import AdversarialModel, Batch
-from caloexp.models.nets import make_activation, mean_total, rescale_total
+from caloexp.models.nets import make_activation, mean_total, rescale_total, total_head as total_head_mlp
 
 #: The original bin-count limits (GeV cells, before the power transform).
 COUNT_LIMITS = (0.05, 0.03, 0.02, 0.0125, 0.008, 0.003)
@@ -111,10 +111,7 @@ class Gan3DGenerator(nn.Module):
         if total_head:
             # the event's total in data units from (condition, latent): log(total / total0); zero-initialised,
             # so the first showers have the training data's mean total (``total0``, set by Gan3D.prepare)
-            self.total = nn.Sequential(nn.Linear(n_in, int(total_head)), make_activation(activation),
-                                       nn.Linear(int(total_head), 1))
-            nn.init.zeros_(self.total[-1].weight)
-            nn.init.zeros_(self.total[-1].bias)
+            self.total = total_head_mlp(n_in, total_head, activation)
             self.register_buffer("total0", torch.ones(()))
 
     def forward(self, z: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:

@@ -187,6 +187,15 @@ class ConvCritic(nn.Module):
         return self.head(_with_cond(h, cond)).reshape(len(x), *self.out_shape)
 
 
+def total_head(n_in: int, hidden: int, activation: str) -> nn.Sequential:
+    """MLP (generator input -> log(total / total0)) of a per-event total head, zero-initialised so that the
+    first events get the starting total ``total0`` (:func:`mean_total`); used with :func:`rescale_total`."""
+    head = nn.Sequential(nn.Linear(int(n_in), int(hidden)), make_activation(activation), nn.Linear(int(hidden), 1))
+    nn.init.zeros_(head[-1].weight)
+    nn.init.zeros_(head[-1].bias)
+    return head
+
+
 def rescale_total(y: torch.Tensor, total: torch.Tensor, power: float, scale: float) -> torch.Tensor:
     """Network cells y = scale * c^power (N, ...) rescaled so that the data-unit cells c sum to ``total`` (N,).
 
