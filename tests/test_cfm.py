@@ -265,6 +265,33 @@ def test_dequantised_layer_energies_spread_empty_voxels_and_invert_exactly():
         Transform((368,), [dict(step, threshold=0.0)], {"energy": "log_scale"})
 
 
+def test_dequantised_layers_turn_the_empty_layer_spikes_into_a_band_below_threshold_and_invert_exactly():
+    e, s = random_showers(400)
+    layers, thr = [8, 160, 190, 5, 5], 5.0
+    s[:150, :8] = 0           # layer 0 empty
+    s[100:250, 358:363] = 0   # layer 3 empty (with layer 0 in 100..149)
+    s[200:300, 363:] = 0      # layer 12 empty (with layer 3 in 200..249: both sparse layers empty)
+    cut = np.where(s < thr, 0, s)
+    step = {"step": "layer_energies", "layers": layers, "threshold": thr, "dequantise": 0.5}
+    plain = Transform((368,), [step], {"energy": "log_scale"}).to_network(s, {"energy": e})
+    t = Transform((368,), [dict(step, dequantise_layers=0.5, alpha_e=1e-9)], {"energy": "log_scale"})
+    y = t.to_network(s, {"energy": e})
+    # without: each empty layer puts a share of showers on one value of a layer-fraction logit; with: none
+    assert max(len(plain) - len(np.unique(plain[:, j])) for j in range(1, 5)) >= 99
+    assert all(len(np.unique(y[:, j])) == len(y) for j in range(1, 5))
+    np.testing.assert_allclose(t.to_physical(y, {"energy": e}), cut, rtol=1e-5, atol=1e-6 * s.max())
+    # an empty layer carries a pseudo-energy in thr * [0.25, 0.5): read back from r_3 = E_3 / (E_3 + E_12)
+    only3 = (cut[:, 358:363].sum(1) == 0) & (cut[:, 363:].sum(1) > 0)
+    r3 = 1 / (1 + np.exp(-y[only3, 4].astype(np.float64)))
+    pseudo = r3 / (1 - r3) * cut[only3, 363:].sum(1)
+    assert only3.sum() >= 50 and pseudo.min() >= 0.25 * thr * (1 - 1e-3) and pseudo.max() < 0.5 * thr * (1 + 1e-3)
+    assert pseudo.std() > 0.05 * thr
+    # the same for a shower whichever chunk or order it arrives in
+    np.testing.assert_array_equal(t.to_network(s[::-1][:120].copy(), {"energy": e[::-1][:120].copy()}), y[::-1][:120])
+    with pytest.raises(Exception, match="dequantise_layers=0.5 .* needs threshold > 0"):
+        Transform((368,), [dict(step, threshold=0.0, dequantise=0.0, dequantise_layers=0.5)], {"energy": "log_scale"})
+
+
 def test_a_generated_layer_with_no_voxel_above_threshold_gives_its_energy_to_its_hottest_voxel():
     e, s = random_showers(200)
     layers, thr = [8, 160, 190, 5, 5], 5.0
