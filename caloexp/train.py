@@ -146,17 +146,23 @@ def physics_summary(result: dict[str, float], monitor: str) -> str:
 
 # ------------------------------------------------------------------ training
 class _StopFlag:
-    """Ctrl-C asks the loop to stop after the current step (a second Ctrl-C stops at once)."""
+    """Ctrl-C asks the job to stop at its next safe point (a second Ctrl-C stops at once).
+
+    In the loop that is the end of the current step (a checkpoint is written); during set-up it is
+    each :meth:`check`, before anything is recorded. Set-up runs library code (imports, database
+    migrations) that can swallow a KeyboardInterrupt raised at an arbitrary instruction, so the
+    request is kept here rather than raised where the signal happens to land."""
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous = None
+        self._installed, self._previous = False, None
 
     def __enter__(self) -> "_StopFlag":
         try:
             self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._installed = True
         except ValueError:  # not the main thread (e.g. a joblib worker): leave signals alone
-            self._previous = None
+            pass
         return self
 
     def _handle(self, signum, frame) -> None:
@@ -164,13 +170,29 @@ class _StopFlag:
             raise KeyboardInterrupt
         self.requested = True
 
+    def check(self) -> None:
+        """A safe point of set-up: stop here if Ctrl-C was pressed (nothing recorded yet)."""
+        if self.requested:
+            raise KeyboardInterrupt
+
+    def release(self) -> None:
+        """Back to the previous Ctrl-C handling (after the loop: KeyboardInterrupt at once)."""
+        self.__exit__()
+        self.check()
+
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        if self._installed:   # None: a handler set outside Python, which Python cannot reinstall; use the default
+            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.default_int_handler)
+            self._installed = False
 
 
 def train(cfg: DictConfig) -> float:
     """Train one model as configured; return the best ``trainer.monitor`` value (lower is better)."""
+    with _StopFlag() as stop:
+        return _train(cfg, stop)
+
+
+def _train(cfg: DictConfig, stop: _StopFlag) -> float:
     ckpt, ckpt_path = None, None
     if str(cfg.get("resume")) == "auto":  # a requeued cluster job: continue its own run directory if it has begun
         own = Path(cfg.paths.output_dir) / "checkpoints" / checkpoint.LAST
@@ -190,6 +212,7 @@ def train(cfg: DictConfig) -> float:
         data.prepare_data()      # download / generate once, before any rank reads
     rt.barrier()
     data.setup(rt.rank, rt.world_size)
+    stop.check()
     model: GenerativeModel = instantiate(cfg.model, "model", GenerativeModel, data_shape=data.data_shape,
                                          cond_dim=data.cond_dim)
     transform = data.fit_transform(model.output_range, rt.device)
@@ -209,6 +232,7 @@ def train(cfg: DictConfig) -> float:
     spec = sampling.spec_of(model_cfg, data.data_shape, data.cond_dim, transform, data.kind, data.writer_spec(),
                             data.describe())
     state = State()
+    stop.check()   # the last point before the run is recorded; from here on Ctrl-C stops at a checkpoint
 
     run_dir = Path(ckpt["run_dir"]) if ckpt else Path(cfg.paths.output_dir)
     ckpt_dir = run_dir / "checkpoints"
@@ -273,7 +297,7 @@ def train(cfg: DictConfig) -> float:
         t_last, steps_last = time.perf_counter(), state.step
         t_start, seconds0 = t_last, state.seconds
         last_eval_step, last_ckpt_step = -1, state.step if ckpt else -1
-        with _StopFlag() as stop, progress:
+        with progress:
             while not done():
                 for batch in data.train_batches(state.epoch, state.batch, seed=cfg.seed):
                     logs = model.training_step(batch, state.step, optim)
@@ -311,6 +335,7 @@ def train(cfg: DictConfig) -> float:
                                           f"in {ckpt_dir}; continue with: python -m caloexp.train resume={run_dir}")
                     if done():
                         break
+        stop.release()
         if last_eval_step != state.step:
             run_evaluation(final=True)
         save(checkpoint.LAST)

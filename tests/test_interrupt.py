@@ -104,3 +104,27 @@ def test_a_command_that_fails_before_work_leaves_no_run_folder(tmp_path: Path) -
     r = run_cli(["caloexp.train", "data=photons", f"hydra.run.dir={mine}"], cwd=tmp_path, env={"CALOEXP_OFFLINE": "1"})
     assert r.returncode == 3
     assert (mine / "notes.txt").exists() and (mine / ".hydra").is_dir()
+
+
+def test_ctrl_c_during_set_up_is_kept_until_a_safe_point_and_the_handler_is_given_back() -> None:
+    from caloexp.train import _StopFlag
+
+    before = signal.getsignal(signal.SIGINT)
+    with _StopFlag() as stop:
+        stop.check()                          # nothing asked yet
+        os.kill(os.getpid(), signal.SIGINT)   # lands wherever set-up is: recorded, not raised there
+        time.sleep(0.05)
+        assert stop.requested
+        with pytest.raises(KeyboardInterrupt):
+            stop.check()
+        with pytest.raises(KeyboardInterrupt):
+            stop.release()                    # after the loop: the handling before it, and the request acted on
+        assert signal.getsignal(signal.SIGINT) is before
+    assert signal.getsignal(signal.SIGINT) is before
+    with _StopFlag():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        with pytest.raises(KeyboardInterrupt):   # a second Ctrl-C stops at once
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+    assert signal.getsignal(signal.SIGINT) is before
