@@ -133,6 +133,18 @@ def test_total_head_sets_each_showers_total_in_data_units_exactly_and_trains():
     e, c = torch.full((5,), 40.0), (x[:5] / 2.0) ** 2
     torch.testing.assert_close(model.total(x[:5], e), (c * (c * 40.0 >= 1.0)).sum(dim=(1, 2)))
     assert torch.all(model.total(x[:5], e) < model.total(x[:5]))
+    # total_gaussian: log(total / total0) = mean + std x (first latent component), mean and log std from the energy
+    g = GAN2D((23, 19), 1, geometry="dataset_1_photons", latent_dim=8, total_head=16, power=0.5, scale=2.0,
+              total_gaussian=True, **nets)
+    head = g.generator.net.total
+    assert head[0].in_features == 1                                     # the energy only
+    with torch.no_grad():
+        head[-1].bias.copy_(torch.tensor([0.3, np.log(0.2)]))
+    z = torch.randn(5, 8)
+    total = ((g.generator(z, cond) / 2.0) ** 2).sum(dim=(1, 2))
+    torch.testing.assert_close(torch.log(total), 0.3 + 0.2 * z[:, 0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ConfigError, match="model.total_gaussian=true: needs model.total_head > 0"):
+        GAN2D((23, 19), 1, total_gaussian=True, **nets)
     with pytest.raises(ConfigError, match="the total head needs padding at 0"):
         GAN2D((23, 19), 1, geometry="dataset_1_photons", fill=-1.0, total_head=4, **nets)
     with pytest.raises(ConfigError, match="model.total_weight=1.0: needs >= 0 and model.total_head > 0"):

@@ -24,6 +24,9 @@ real mean total per energy (with the BCE loss alone the response was 21 % off af
 totals it compares count only voxels above it, as the response is measured. With the
 per-voxel log + min/max transform of the original every voxel the generator did not drive to exactly
 -1 came back through the exponential as energy and the totals were 2.3-2.5x too high.
+With ``total_gaussian`` the head is a Gaussian in log(total) whose mean and standard deviation are MLP outputs
+of the condition, drawn with the first latent component: the spread of the totals per energy is then one
+output to learn, not a property of how the MLP uses 256 latent components.
 ``total_group`` > 1 compares the mean totals of groups of that many showers of neighbouring energy instead
 of each shower's: the term then sets the mean total per energy (the response) and leaves the spread to the
 adversarial loss (per shower it pulled every total to the mean: the spread came out 1.7-16x too narrow).
@@ -38,6 +41,8 @@ weight of the discriminator by its largest singular value (Miyato et al. 2018), 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -49,6 +54,7 @@ from caloexp.models.nets import mean_total, rescale_total, total_head as total_h
 
 CRITIC_FEATURES = ("total", "layers", "minibatch_std")
 FEATURE_EPS = 1e-6      # log(sum + eps): an empty layer is a finite feature
+GAUSSIAN_STD0 = 0.1     # total_gaussian: the starting std of log(total), about the data's at 1 GeV
 
 
 class PaddedImage(nn.Module):
@@ -56,16 +62,22 @@ class PaddedImage(nn.Module):
     with ``total_head`` (hidden units, on ``n_in`` inputs) rescaled to a per-event total (module doc)."""
 
     def __init__(self, net: nn.Module, mask: torch.Tensor, fill: float, n_in: int = 0, total_head: int = 0,
-                 power: float = 1.0, scale: float = 1.0, activation: str = "leaky_relu"):
+                 power: float = 1.0, scale: float = 1.0, activation: str = "leaky_relu", gaussian: bool = False,
+                 latent_dim: int = 0):
         super().__init__()
         self.net, self.fill = net, float(fill)
         self.register_buffer("mask", mask, persistent=False)
         self.power, self.scale = float(power), float(scale)
-        self.total = None
+        self.total, self.gaussian, self.latent_dim = None, bool(gaussian), int(latent_dim)
         if total_head:
-            # log(total / total0) from (latent, condition); zero-initialised: the first showers have the
-            # training data's mean total (``total0``, set by GAN2D.prepare)
-            self.total = total_head_mlp(n_in, total_head, activation)
+            # log(total / total0) from (latent, condition), or with ``gaussian`` (mean, log std) of it from the
+            # condition; zero-initialised: the first showers have the training data's mean total (``total0``, set
+            # by GAN2D.prepare), with ``gaussian`` spread by GAUSSIAN_STD0
+            self.total = total_head_mlp(n_in - self.latent_dim if gaussian else n_in, total_head, activation,
+                                        2 if gaussian else 1)
+            if gaussian:
+                with torch.no_grad():
+                    self.total[-1].bias[1] = math.log(GAUSSIAN_STD0)
             self.register_buffer("total0", torch.ones(()))
 
     @property
@@ -78,9 +90,14 @@ class PaddedImage(nn.Module):
         if self.total is None:
             return y
         h = z.reshape(len(z), -1)
-        if cond is not None and cond.shape[1]:
-            h = torch.cat([h, cond.to(h.dtype)], dim=1)
-        return rescale_total(y, self.total0 * torch.exp(self.total(h)[:, 0]), self.power, self.scale)
+        if self.gaussian:       # log total ~ N(mean(E), std(E)^2), drawn with the first latent component
+            out = self.total(cond.to(h.dtype) if cond is not None else h[:, :0])
+            log_total = out[:, 0] + torch.exp(out[:, 1]) * h[:, 0]
+        else:
+            if cond is not None and cond.shape[1]:
+                h = torch.cat([h, cond.to(h.dtype)], dim=1)
+            log_total = self.total(h)[:, 0]
+        return rescale_total(y, self.total0 * torch.exp(log_total), self.power, self.scale)
 
 
 class GAN2D(GAN):
@@ -92,7 +109,8 @@ class GAN2D(GAN):
     def __init__(self, data_shape, cond_dim, generator, critic, geometry: str | None = None, fill: float = 0.0,
                  total_head: int = 0, power: float = 1.0, scale: float = 1.0, total_weight: float = 0.0,
                  threshold: float = 0.0, energy_key: str = "energy", total_group: int = 1, spread_weight: float = 0.0,
-                 critic_features: tuple[str, ...] | list[str] = (), spectral_norm: bool = False, **kwargs):
+                 critic_features: tuple[str, ...] | list[str] = (), spectral_norm: bool = False,
+                 total_gaussian: bool = False, **kwargs):
         shape = tuple(int(d) for d in data_shape)
         if len(shape) != 2:
             raise ConfigError(f"model=gan2d needs 2D events, got event shape {shape}; end data.transform.steps with "
@@ -144,7 +162,10 @@ class GAN2D(GAN):
         if total_head and fill != 0.0:
             raise ConfigError(f"model.fill={fill}: the total head needs padding at 0 (calo_image fill: 0.0)")
         n_in = self.generator.latent_dim + (int(cond_dim) if self.conditional else 0)
-        self.generator.net = PaddedImage(self.generator.net, mask, fill, n_in, int(total_head), power, scale)
+        if total_gaussian and not total_head:
+            raise ConfigError("model.total_gaussian=true: needs model.total_head > 0 (the head it shapes)")
+        self.generator.net = PaddedImage(self.generator.net, mask, fill, n_in, int(total_head), power, scale,
+                                         gaussian=bool(total_gaussian), latent_dim=self.generator.latent_dim)
         if self.features and fill != 0.0:
             raise ConfigError(f"model.fill={fill}: model.critic_features need padding at 0 (calo_image fill: 0.0)")
 
