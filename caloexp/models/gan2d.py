@@ -24,12 +24,14 @@ real mean total per energy (with the BCE loss alone the response was 21 % off af
 totals it compares count only voxels above it, as the response is measured. With the
 per-voxel log + min/max transform of the original every voxel the generator did not drive to exactly
 -1 came back through the exponential as energy and the totals were 2.3-2.5x too high.
+``total_group`` > 1 compares the mean totals of groups of that many showers of neighbouring energy instead
+of each shower's: the term then sets the mean total per energy (the response) and leaves the spread to the
+adversarial loss (per shower it pulled every total to the mean: the spread came out 1.7-16x too narrow);
+``spread_weight`` also compares the groups' standard deviations of log(total). With ``threshold`` the convs
+get a gradient from the term too (which pixels pass the cut); with ``total_weight`` 1000 the discriminator won.
 With ``total_gaussian`` the head is a Gaussian in log(total) whose mean and standard deviation are MLP outputs
 of the condition, drawn with the first latent component: the spread of the totals per energy is then one
 output to learn, not a property of how the MLP uses 256 latent components.
-``total_group`` > 1 compares the mean totals of groups of that many showers of neighbouring energy instead
-of each shower's: the term then sets the mean total per energy (the response) and leaves the spread to the
-adversarial loss (per shower it pulled every total to the mean: the spread came out 1.7-16x too narrow).
 
 ``critic_features`` (not in GAN_602) hands the discriminator's head, next to the conv features and the
 energy, features of the shower in data units (:meth:`GAN2D.shower_features`): ``total`` log(sum), ``layers``
