@@ -133,12 +133,80 @@ def test_total_head_sets_each_showers_total_in_data_units_exactly_and_trains():
     e, c = torch.full((5,), 40.0), (x[:5] / 2.0) ** 2
     torch.testing.assert_close(model.total(x[:5], e), (c * (c * 40.0 >= 1.0)).sum(dim=(1, 2)))
     assert torch.all(model.total(x[:5], e) < model.total(x[:5]))
+    # total_gaussian: log(total / total0) = mean + std x (first latent component), mean and log std from the energy
+    g = GAN2D((23, 19), 1, geometry="dataset_1_photons", latent_dim=8, total_head=16, power=0.5, scale=2.0,
+              total_gaussian=True, **nets)
+    head = g.generator.net.total
+    assert head[0].in_features == 1                                     # the energy only
+    with torch.no_grad():
+        head[-1].bias.copy_(torch.tensor([0.3, np.log(0.2)]))
+    z = torch.randn(5, 8)
+    total = ((g.generator(z, cond) / 2.0) ** 2).sum(dim=(1, 2))
+    torch.testing.assert_close(torch.log(total), 0.3 + 0.2 * z[:, 0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ConfigError, match="model.total_gaussian=true: needs model.total_head > 0"):
+        GAN2D((23, 19), 1, total_gaussian=True, **nets)
     with pytest.raises(ConfigError, match="the total head needs padding at 0"):
         GAN2D((23, 19), 1, geometry="dataset_1_photons", fill=-1.0, total_head=4, **nets)
     with pytest.raises(ConfigError, match="model.total_weight=1.0: needs >= 0 and model.total_head > 0"):
         GAN2D((23, 19), 1, total_weight=1.0, **nets)
     with pytest.raises(ConfigError, match="model.total_head=4, model.power=0.0"):
         GAN2D((23, 19), 1, total_head=4, power=0.0, **nets)
+
+
+def test_critic_features_and_grouped_total_term_are_what_they_say():
+    from functools import partial
+    from types import SimpleNamespace
+
+    from caloexp.models.gan2d import FEATURE_EPS, GAN2D
+    from caloexp.models.nets import ConvCritic, ConvGenerator
+
+    nets = dict(generator=partial(ConvGenerator, channels=[8, 4], out_activation="relu"),
+                critic=partial(ConvCritic, channels=[4, 8], head_width=8))
+    torch.manual_seed(0)
+    model = GAN2D((23, 19), 1, geometry="dataset_1_photons", latent_dim=8, total_head=4, power=0.5, scale=2.0,
+                  total_weight=1.0, total_group=2, critic_features=["total", "layers", "minibatch_std"], **nets)
+    # 1 total + 5 layers + the batch std of the pixels and of those 6: 13 inputs after the energy at the head
+    assert model.n_features == 13 and model.critic.head[0].in_features == 8 * 6 * 5 + 1 + 13
+    x = (torch.rand(3, 23, 19) * model.generator.net.mask).requires_grad_()
+    f = model.shower_features(x)
+    c = ((x / 2.0) ** 2).detach().numpy().astype(np.float64)          # data units: (pixel / scale)^(1 / power)
+    # layers 0, 1, 2, 3, 12 of dataset-1 photons have 1, 10, 10, 1, 1 alpha bins: image rows 0, 1-10, 11-20, 21, 22
+    by_layer = np.stack([c[:, 0].sum(1), c[:, 1:11].sum((1, 2)), c[:, 11:21].sum((1, 2)), c[:, 21].sum(1),
+                         c[:, 22].sum(1)], axis=1)
+    own = np.concatenate([np.log(c.sum((1, 2)) + FEATURE_EPS)[:, None], np.log(by_layer + FEATURE_EPS)], axis=1)
+    np.testing.assert_allclose(f[:, :6].detach().numpy(), own, rtol=1e-5)
+    spread = np.concatenate([[x.detach().numpy().reshape(3, -1).std(0).mean()], own.std(0)])
+    np.testing.assert_allclose(f[:, 6:].detach().numpy(), np.broadcast_to(spread, (3, 7)), rtol=1e-4, atol=1e-6)
+    f.sum().backward()                                                 # the generator learns through them
+    assert x.grad.abs().sum() > 0
+    assert model.criticise(x.detach(), torch.rand(3, 1)).shape == (3, 1)
+    # total_group=2: mean totals of pairs in energy order (conditions 1, 2, 0.5, 1.5 -> pairs {2, 0}, {3, 1})
+    real = torch.rand(4, 23, 19) * model.generator.net.mask
+    fake = torch.rand(4, 23, 19) * model.generator.net.mask
+    cond = torch.tensor([[1.0], [2.0], [0.5], [1.5]])
+    loss, _ = model.aux_loss(None, SimpleNamespace(x=real, cond=cond), fake, real=False)
+    t_r, t_f = ((real / 2.0) ** 2).sum(dim=(1, 2)), ((fake / 2.0) ** 2).sum(dim=(1, 2))
+    pairs = [[2, 0], [3, 1]]
+    want = sum((t_f[p].mean() - t_r[p].mean()) ** 2 for p in pairs) / 2 / t_r.mean() ** 2
+    torch.testing.assert_close(loss, want)
+    # spread_weight: + the squared difference of the pairs' std of log(total), generated vs real
+    model.spread_weight = 0.5
+    loss, logs = model.aux_loss(None, SimpleNamespace(x=real, cond=cond), fake, real=False)
+    sd = [[torch.log(t[p]).std(unbiased=False) for t in (t_f, t_r)] for p in pairs]
+    spread = sum((a - b) ** 2 for a, b in sd) / 2
+    torch.testing.assert_close(logs["aux/total_spread"], spread)
+    torch.testing.assert_close(loss, want + 0.5 * spread)
+    model.spread_weight, model.total_group = 0.0, 1                    # each shower's total against its own
+    torch.testing.assert_close(model.aux_loss(None, SimpleNamespace(x=real, cond=cond), fake, real=False)[0],
+                               ((t_f - t_r) ** 2).mean() / t_r.mean() ** 2)
+    with pytest.raises(ConfigError, match="model.critic_features=\\['total', 'hits'\\]: choose each at most once"):
+        GAN2D((23, 19), 1, geometry="dataset_1_photons", critic_features=["total", "hits"], **nets)
+    with pytest.raises(ConfigError, match="has 'layers': needs model.geometry"):
+        GAN2D((23, 19), 1, critic_features=["layers"], **nets)
+    with pytest.raises(ConfigError, match="model.total_group=0: must be >= 1"):
+        GAN2D((23, 19), 1, total_group=0, **nets)
+    with pytest.raises(ConfigError, match="model.spread_weight=1.0: needs >= 0 and model.total_group > 1"):
+        GAN2D((23, 19), 1, total_group=1, spread_weight=1.0, **nets)
 
 
 def test_projections_are_sums_over_alpha_and_compare_honestly():

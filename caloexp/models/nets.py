@@ -187,10 +187,12 @@ class ConvCritic(nn.Module):
         return self.head(_with_cond(h, cond)).reshape(len(x), *self.out_shape)
 
 
-def total_head(n_in: int, hidden: int, activation: str) -> nn.Sequential:
-    """MLP (generator input -> log(total / total0)) of a per-event total head, zero-initialised so that the
-    first events get the starting total ``total0`` (:func:`mean_total`); used with :func:`rescale_total`."""
-    head = nn.Sequential(nn.Linear(int(n_in), int(hidden)), make_activation(activation), nn.Linear(int(hidden), 1))
+def total_head(n_in: int, hidden: int, activation: str, n_out: int = 1) -> nn.Sequential:
+    """MLP (generator input -> log(total / total0), or ``n_out`` such outputs) of a per-event total head,
+    zero-initialised so that the first events get the starting total ``total0`` (:func:`mean_total`); used with
+    :func:`rescale_total`."""
+    head = nn.Sequential(nn.Linear(int(n_in), int(hidden)), make_activation(activation),
+                         nn.Linear(int(hidden), int(n_out)))
     nn.init.zeros_(head[-1].weight)
     nn.init.zeros_(head[-1].bias)
     return head
