@@ -351,6 +351,12 @@ def test_cfm_trains_resumes_and_generates_with_sampler_options(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     spec = torch.load(tmp_path / "R/checkpoints/last.ckpt", weights_only=True)["spec"]["model"]
     assert spec["_target_"] == "caloexp.models.cfm.CFM" and spec["steps"] == 1 and spec["solver"] == "euler"
+    # a student whose data transform is not its teacher's would decode the teacher's samples wrongly
+    bad = run_cli(["caloexp.train", "model=reflow", f"model.teacher={tmp_path}/A", "data.n_showers=1500",
+                   "data.transform.steps.0.dequantise_layers=0.0", "trainer.max_steps=3", "trainer.num_threads=1"],
+                  cwd=tmp_path)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr[-3000:]
+    assert "data.transform.steps[0] differs from the teacher's" in bad.stderr and "dequantise_layers" in bad.stderr
     import shutil
     shutil.rmtree(tmp_path / "A")
     out = tmp_path / "gen_reflow.hdf5"

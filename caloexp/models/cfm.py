@@ -331,6 +331,20 @@ class Reflow(CFM):
             raise ConfigError("model.teacher: give a run id, checkpoint or run directory to store a rebuildable spec")
         return {**self._teacher_cfg, "steps": self.steps, "solver": self.solver, "ema": dict(self.ema)}
 
+    def prepare(self, data) -> None:
+        """The student's samples are decoded by this data's transform: its steps must be the teacher's."""
+        tt = self.teacher_transform
+        if tt is None:
+            return
+        for i, (t, d) in enumerate(zip(tt.spec()["steps"], data.transform.spec()["steps"])):
+            if t != d:
+                diff = {k: (t.get(k), d.get(k)) for k in sorted(set(t) | set(d)) if t.get(k) != d.get(k)}
+                raise ConfigError(f"model.teacher: data.transform.steps[{i}] differs from the teacher's "
+                                  f"(setting: (teacher, here) {diff}); distil with the teacher's data config")
+        if len(tt.steps) != len(data.transform.steps):
+            raise ConfigError(f"model.teacher: the teacher's transform has {len(tt.steps)} steps, this data's "
+                              f"{len(data.transform.steps)} (distil with the teacher's data config)")
+
     def _check_conditions(self, batch) -> None:
         """The teacher must see the conditions encoded as it was trained (same data config)."""
         tt, self.__dict__["teacher_transform"] = self.teacher_transform, None
