@@ -336,14 +336,15 @@ class Reflow(CFM):
         tt = self.teacher_transform
         if tt is None:
             return
-        for i, (t, d) in enumerate(zip(tt.spec()["steps"], data.transform.spec()["steps"])):
+        theirs, ours = tt.spec()["steps"], data.transform.spec()["steps"]
+        if len(theirs) != len(ours):
+            raise ConfigError(f"model.teacher: the teacher's transform has {len(theirs)} steps, this data's "
+                              f"{len(ours)} (distil with the teacher's data config)")
+        for i, (t, d) in enumerate(zip(theirs, ours)):
             if t != d:
                 diff = {k: (t.get(k), d.get(k)) for k in sorted(set(t) | set(d)) if t.get(k) != d.get(k)}
                 raise ConfigError(f"model.teacher: data.transform.steps[{i}] differs from the teacher's "
                                   f"(setting: (teacher, here) {diff}); distil with the teacher's data config")
-        if len(tt.steps) != len(data.transform.steps):
-            raise ConfigError(f"model.teacher: the teacher's transform has {len(tt.steps)} steps, this data's "
-                              f"{len(data.transform.steps)} (distil with the teacher's data config)")
 
     def _check_conditions(self, batch) -> None:
         """The teacher must see the conditions encoded as it was trained (same data config)."""

@@ -171,11 +171,15 @@ class GAN2D(GAN):
         if self.features and fill != 0.0:
             raise ConfigError(f"model.fill={fill}: model.critic_features need padding at 0 (calo_image fill: 0.0)")
 
+    def _data_units(self, x: torch.Tensor) -> torch.Tensor:
+        """Network pixels y = scale * c^power back to data units c (sum / E_inc with the default transform)."""
+        net = self.generator.net
+        return (x / net.scale).clamp_min(0.0) ** (1.0 / net.power)
+
     def total(self, x: torch.Tensor, energy: torch.Tensor | None = None) -> torch.Tensor:
         """Per-event total in data units (sum / E_inc with the default transform) of network images (N, H, W);
         with ``energy`` (N,) and ``threshold`` only of the pixels at or above threshold / energy."""
-        net = self.generator.net
-        c = ((x / net.scale).clamp_min(0.0) ** (1.0 / net.power)).reshape(len(x), -1)
+        c = self._data_units(x).reshape(len(x), -1)
         if energy is not None and self.threshold > 0:
             c = c * (c * energy.reshape(-1, 1).to(c.dtype) >= self.threshold)
         return c.sum(dim=1)
@@ -185,8 +189,7 @@ class GAN2D(GAN):
         log(total + eps), log(layer sum + eps) per layer (data units: sum / E_inc with the default transform),
         and with ``minibatch_std`` the batch's std of the pixels (mean over pixels) and of each feature before it,
         the same for every event. Differentiable, so the generator learns from them."""
-        net = self.generator.net
-        c = (x / net.scale).clamp_min(0.0) ** (1.0 / net.power)
+        c = self._data_units(x)
         feats = []
         if "total" in self.features:
             feats.append(torch.log(c.sum(dim=(1, 2)) + FEATURE_EPS)[:, None])
