@@ -292,6 +292,68 @@ def test_dequantised_layers_turn_the_empty_layer_spikes_into_a_band_below_thresh
         Transform((368,), [dict(step, threshold=0.0, dequantise=0.0, dequantise_layers=0.5)], {"energy": "log_scale"})
 
 
+def test_hit_counts_are_features_the_inverse_keeps_exactly():
+    e, s = random_showers(300)
+    layers, thr = [8, 160, 190, 5, 5], 5.0
+    s[:60, 358:363] = 0                       # an empty layer (3) in some showers
+    cut = np.where(s < thr, 0, s)
+    step = {"step": "layer_energies", "layers": layers, "threshold": thr, "dequantise": 0.5,
+            "dequantise_layers": 0.5, "alpha_e": 1e-9, "hit_counts": True}
+    t = Transform((368,), [step], {"energy": "log_scale"})
+    assert t.net_shape == (5 + 5 + 368,)
+    y = t.to_network(s, {"energy": e})
+    offsets = np.cumsum([0] + layers)
+    hits = np.stack([(cut[:, lo:hi] > 0).sum(1) for lo, hi in zip(offsets[:-1], offsets[1:])], 1)
+    # features 5..9: log(1 + n + u), u in [0.05, 0.95): the count is their floor
+    u = np.expm1(y[:, 5:10].astype(np.float64)) - hits
+    assert u.min() >= 0.05 - 1e-5 and u.max() < 0.95 + 1e-5 and u.std() > 0.2
+    np.testing.assert_allclose(t.to_physical(y, {"energy": e}), cut, rtol=1e-5, atol=1e-6 * s.max())
+
+    # noisy shapes: the layer energies and the hit counts stay exactly those of the energy features
+    noisy = y.copy()
+    noisy[:, 10:] += np.random.default_rng(1).normal(0, 1.0, noisy[:, 10:].shape)
+    gen = t.to_physical(noisy, {"energy": e})
+    for i, (lo, hi) in enumerate(zip(offsets[:-1], offsets[1:])):
+        block = gen[:, lo:hi]
+        np.testing.assert_array_equal((block > 0).sum(1), hits[:, i])
+        np.testing.assert_allclose(block.sum(1), cut[:, lo:hi].sum(1), rtol=1e-4, atol=1e-3)
+        assert block[block > 0].min() >= thr * (1 - 1e-6)
+    # the shape features alone cross the threshold elsewhere (decoded without the counts) ...
+    plain = Transform((368,), [dict(step, hit_counts=False)], {"energy": "log_scale"})
+    own = plain.to_physical(np.concatenate([noisy[:, :5], noisy[:, 10:]], 1), {"energy": e})
+    assert ((own > 0).sum(1) != (cut > 0).sum(1)).mean() > 0.5
+    # ... yet the voxels the counts promoted from below the threshold land above it, not on a spike at thr
+    assert (gen == thr).sum() == 0 and ((gen >= thr) & (gen < 1.001 * thr)).sum() < 0.01 * (gen > 0).sum()
+
+    # a generated count decides the hits: 10 more in layer 1, a single hit in layer 2
+    more = y.copy()
+    more[:, 6] = np.log1p(hits[:, 1] + 10.5)
+    more[:, 7] = np.log1p(1.5)
+    gen = t.to_physical(more, {"energy": e})
+    e1, e2 = cut[:, 8:168].sum(1), cut[:, 168:358].sum(1)
+    np.testing.assert_array_equal((gen[:, 8:168] > 0).sum(1),
+                                  np.minimum(np.minimum(hits[:, 1] + 10, np.floor(e1 / thr)), 160))
+    np.testing.assert_array_equal((gen[:, 168:358] > 0).sum(1), 1)
+    np.testing.assert_allclose(gen[:, 168:358].max(1), e2, rtol=1e-5)
+    # an empty layer has no hits whatever its count feature says
+    more[:60, 8] = np.log1p(3.5)
+    assert (t.to_physical(more, {"energy": e})[:60, 358:363] == 0).all()
+    with pytest.raises(Exception, match="hit_counts=true needs dequantise > 0"):
+        Transform((368,), [dict(step, dequantise=0.0)], {"energy": "log_scale"})
+
+
+def test_two_stage_cfm_refuses_an_energy_split_that_is_not_the_transforms():
+    from types import SimpleNamespace
+    step = {"step": "layer_energies", "layers": [8, 160, 190, 5, 5], "threshold": 1.0, "dequantise": 0.5}
+    net = functools.partial(VelocityNet, width=8, n_blocks=1, emb=8)
+    for counts, right in ((False, 5), (True, 10)):
+        data = SimpleNamespace(transform=Transform((368,), [dict(step, hit_counts=counts)], {"energy": "log_scale"}))
+        CFM(data.transform.net_shape, 1, net=net, energy_dims=right).prepare(data)
+        with pytest.raises(ConfigError, match=f"model.energy_dims={15 - right}: .* leads with {right} energy "
+                                              f"features .*; set model.energy_dims={right}"):
+            CFM(data.transform.net_shape, 1, net=net, energy_dims=15 - right).prepare(data)
+
+
 def test_a_generated_layer_with_no_voxel_above_threshold_gives_its_energy_to_its_hottest_voxel():
     e, s = random_showers(200)
     layers, thr = [8, 160, 190, 5, 5], 5.0

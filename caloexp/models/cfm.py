@@ -257,7 +257,7 @@ class CFM(GenerativeModel):
             raise ConfigError(f"model.solver={solver!r}, model.steps={steps}: choose {list(SOLVERS)} and steps >= 1")
         if not 0 <= energy_dims < self.data_dim:
             raise ConfigError(f"model.energy_dims={energy_dims}: must be in [0, {self.data_dim}) "
-                              "(0: one stage; L: the layer-energy features of the layer_energies transform)")
+                              "(0: one stage; otherwise the energy features of the layer_energies transform)")
         self.energy_dims, self.steps, self.solver = int(energy_dims), int(steps), str(solver)
         if self.energy_dims:
             self.roles = ("energy", "shape")
@@ -269,6 +269,15 @@ class CFM(GenerativeModel):
         unknown = set(self.ema) - set(self.roles)
         if unknown:
             raise ConfigError(f"model.ema names {sorted(unknown)}; this model's roles are {list(self.roles)}")
+
+    def prepare(self, data) -> None:
+        """Two stages split the features where the data transform's energy features end: check it."""
+        steps = [s for s in getattr(getattr(data, "transform", None), "steps", []) if s.name == "layer_energies"]
+        if self.energy_dims and len(steps) == 1 and self.energy_dims != steps[0].energy_features:
+            want = steps[0].energy_features
+            raise ConfigError(f"model.energy_dims={self.energy_dims}: this data's layer_energies step leads with {want} "
+                              f"energy features ({len(steps[0].layers)} layers"
+                              f"{', x 2 with hit_counts' if steps[0].hit_counts else ''}); set model.energy_dims={want}")
 
     def losses(self, batch, step: int):
         x = batch.x.reshape(len(batch.x), -1)
@@ -333,6 +342,7 @@ class Reflow(CFM):
 
     def prepare(self, data) -> None:
         """The student's samples are decoded by this data's transform: its steps must be the teacher's."""
+        super().prepare(data)
         tt = self.teacher_transform
         if tt is None:
             return
