@@ -335,6 +335,12 @@ def test_hit_counts_are_features_the_inverse_keeps_exactly():
                                   np.minimum(np.minimum(hits[:, 1] + 10, np.floor(e1 / thr)), 160))
     np.testing.assert_array_equal((gen[:, 168:358] > 0).sum(1), 1)
     np.testing.assert_allclose(gen[:, 168:358].max(1), e2, rtol=1e-5)
+    # voxels promoted from far below the threshold (shape values under the offset: negative) are visible too
+    deep = more.copy()
+    deep[:, 10 + 8:10 + 168] -= 6.0
+    low = t.to_physical(deep, {"energy": e})[:, 8:168]
+    np.testing.assert_array_equal((low > 0).sum(1), (gen[:, 8:168] > 0).sum(1))
+    assert low[low > 0].min() >= thr * (1 - 1e-6)
     # an empty layer has no hits whatever its count feature says
     more[:60, 8] = np.log1p(3.5)
     assert (t.to_physical(more, {"energy": e})[:60, 358:363] == 0).all()

@@ -403,6 +403,7 @@ class LayerEnergies(Step):
         if self.threshold > 0:
             x = torch.where(x < self.threshold, torch.zeros_like(x), x)
         visible = self._layer_sums(x)
+        hits = self._layer_sums((x > 0).to(x.dtype)) if self.hit_counts else None   # before any dequantisation
         el = visible
         if self.dequantise_layers:   # empty layers: pseudo-energies below the threshold (columns after the voxels')
             u = _hash_uniform(visible, el.shape[1], first=x.shape[1] + 1).to(x.dtype)
@@ -424,13 +425,13 @@ class LayerEnergies(Step):
         feats = [torch.log(etot.clamp_min(1e-3) / e), logit]
         if self.hit_counts:   # offsets away from the integers, so the floor of the inverse is exact in float32
             u = 0.05 + 0.9 * _hash_uniform(visible, el.shape[1], first=x.shape[1] + el.shape[1] + 1).to(x.dtype)
-            feats.append(torch.log1p(self._layer_sums((x >= self.threshold).to(x.dtype)) + u))
+            feats.append(torch.log1p(hits + u))
         return torch.cat([*feats, g], 1)
 
     def inverse(self, y, cond):
         n_l = len(self.layers)
         e = cond[self.key].reshape(-1, 1).to(y.dtype)
-        n_f = 2 * n_l if self.hit_counts else n_l
+        n_f = self.energy_features
         f, g = y[:, :n_l], y[:, n_f:]
         etot = e * torch.exp(f[:, :1])
         r = ((torch.sigmoid(f[:, 1:]) - self.alpha_e) / (1 - 2 * self.alpha_e)).clamp(0, 1)
@@ -469,7 +470,8 @@ class LayerEnergies(Step):
             rank = torch.argsort(torch.argsort(v[:, a:b], dim=1, descending=True), dim=1)
             keep.append((rank < n[:, i:i + 1]).to(v.dtype))
         keep = torch.cat(keep, 1)
-        spread = thr * torch.frac(v.double() * (9973.0 / thr)).to(v.dtype)
+        w = v.double() * (9973.0 / thr)
+        spread = thr * (w - torch.floor(w)).to(v.dtype)        # in [0, thr) also for v < 0 (frac keeps the sign)
         excess = torch.where(v >= thr, v - thr, spread) * keep
         spare = (el - n * thr).clamp_min(0)                                      # energy above n thr
         total = self._layer_sums(excess)
