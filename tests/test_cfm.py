@@ -85,13 +85,16 @@ def test_cell_head_learns_independent_bimodal_cells_a_narrow_mlp_cannot():
     assert w[16] < 0.15 and w[16] < 0.3 * w[0], w
     with pytest.raises(ConfigError, match="cell_head"):
         VelocityNet(8, 0, cell_head=-1)
+    with pytest.raises(ConfigError, match="cell_mix"):
+        VelocityNet(8, 0, cell_head=0, cell_mix=2)        # the mix modulates the head: nothing to modulate
 
 
-def test_cell_head_inference_path_computes_the_training_form():
+@pytest.mark.parametrize("cell_mix", [0, 3])
+def test_cell_head_inference_path_computes_the_training_form(cell_mix):
     """Without autograd the head runs in chunks, in place; it must be the same function as the
     differentiable form the net is trained with (batches that do and do not fill the last chunk)."""
     torch.manual_seed(0)
-    net = VelocityNet(40, 3, width=32, n_blocks=2, emb=16, cell_head=8, cell_emb=4, context=6)
+    net = VelocityNet(40, 3, width=32, n_blocks=2, emb=16, cell_head=8, cell_emb=4, context=6, cell_mix=cell_mix)
     with torch.no_grad():
         for p in net.parameters():          # the zero-initialised output layers would hide a wrong head
             p.add_(0.3 * torch.randn_like(p))
