@@ -123,8 +123,12 @@ def from_state(state: Mapping[str, Any], device: str | torch.device = "cpu", ema
     except (TypeError, ValueError) as exc:
         raise InputError(f"{origin}: generator spec is malformed ({str(exc).splitlines()[0][:160]})") from None
     try:
-        model.load_state_dict(state["model"])
         transform = Transform.from_spec(spec["transform"])
+    except (KeyError, TypeError, ValueError, ConfigError) as exc:   # e.g. a setting this version does not know
+        raise InputError(f"{origin}: its data transform spec does not build here "
+                         f"({str(exc).splitlines()[0][:200]}; written by another caloexp version?)") from None
+    try:
+        model.load_state_dict(state["model"])
         transform.load_state_dict(state["transform"])
     except (RuntimeError, KeyError, TypeError, ValueError, ConfigError) as exc:
         raise InputError(f"{origin}: weights do not fit its spec ({str(exc).splitlines()[0][:200]})") from None

@@ -11,6 +11,7 @@ Each payload is first shown to be live: instantiating it with plain Hydra does w
 """
 from __future__ import annotations
 
+import copy
 import pathlib
 from pathlib import Path
 
@@ -161,6 +162,21 @@ def test_generate_refuses_hydra_tricks_in_the_spec(fresh, tmp_path):
         assert msg.startswith(f"{fresh['last']}: generator spec: model") and "refused" in msg \
             and "\n" not in msg, (name, msg)
         assert not marker.exists(), name
+
+
+def test_a_transform_spec_this_version_cannot_build_is_one_line_naming_the_file_and_setting(fresh):
+    """E.g. a checkpoint written by a caloexp with a transform setting this one does not have."""
+    from caloexp import sampling
+    from caloexp.errors import InputError
+
+    state = copy.deepcopy(fresh["state"])
+    state["spec"]["transform"]["steps"][0]["made_up_setting"] = 1.0
+    checkpoint.save(fresh["last"], state)
+    with pytest.raises(InputError) as err:
+        sampling.load(str(fresh["last"]))
+    msg = str(err.value)
+    assert msg.startswith(f"{fresh['last']}: its data transform spec does not build here") and "made_up_setting" in msg \
+        and "\n" not in msg, msg
 
 
 def test_generate_refuses_a_nested_foreign_net(fresh, tmp_path):
