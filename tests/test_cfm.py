@@ -86,7 +86,9 @@ def test_cell_head_learns_independent_bimodal_cells_a_narrow_mlp_cannot():
     with pytest.raises(ConfigError, match="cell_head"):
         VelocityNet(8, 0, cell_head=-1)
     with pytest.raises(ConfigError, match="cell_mix"):
-        VelocityNet(8, 0, cell_head=0, cell_mix=2)        # the mix modulates the head: nothing to modulate
+        VelocityNet(8, 0, cell_head=4, cell_mix=-1)
+    plain = VelocityNet(8, 0, width=8, cell_head=0, cell_mix=2)   # cell_head=0 turns the head off, with its mix
+    assert plain.cell_mix == 0 and not any("mix" in name for name, _ in plain.named_parameters())
 
 
 @pytest.mark.parametrize("cell_mix", [0, 3])
@@ -105,6 +107,15 @@ def test_cell_head_inference_path_computes_the_training_form(cell_mix):
         with torch.no_grad():
             fast = net(x, t, c)
         torch.testing.assert_close(fast, trained_form.detach(), rtol=1e-5, atol=1e-5)
+        # under bf16 autocast (generate precision=bf16) the head runs in float32 on CPUs: the same function
+        # to bf16 accuracy of the trunk
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            trained_bf16 = net(x, t, c).float()
+            with torch.no_grad():
+                fast_bf16 = net(x, t, c)
+        assert fast_bf16.dtype == torch.float32
+        err_fast, err_trained = ((y - trained_form).abs().max().item() for y in (fast_bf16, trained_bf16))
+        assert err_fast <= err_trained and err_fast < 0.05 * trained_form.abs().max(), (err_fast, err_trained)
 
 
 def test_transformer_velocity_net_learns_the_mixture():

@@ -72,19 +72,20 @@ class VelocityNet(nn.Module):
     (generated cells then look Gaussian where the data are a narrow peak plus empty cells).
 
     ``cell_mix`` = r > 0 adds to the head's first layer a rank-r product of cell factors and shower
-    context, so each cell's pre-activations can shift by its own function of the shower; the context
-    alone shifts every cell alike. (Why: where a cell's value crosses the readout threshold depends on
-    its layer's energy, which differs per layer and per shower. Measured effect: README.)
+    context, so each cell's pre-activations can shift by its own function of the shower (the context
+    alone shifts every cell alike; with ``cell_head: 0`` there is nothing to shift and it is off).
+    Why: where a cell's value crosses the readout threshold depends on its layer's energy, which
+    differs per layer and per shower. Measured effect: README, "The voxel-dependent shift".
     """
 
     def __init__(self, dim: int, cond_dim: int, width: int = 512, n_blocks: int = 4, emb: int = 128,
                  dropout: float = 0.0, cell_head: int = 0, cell_emb: int = 16, context: int = 32, cell_mix: int = 0):
         super().__init__()
         if min(dim, width, n_blocks, emb) < 1 or min(cell_head, cell_emb, context, cell_mix) < 0 or \
-                (cell_head and min(cell_emb, context) < 1) or (cell_mix and not cell_head):
-            raise ConfigError(f"VelocityNet needs dim, width, n_blocks, emb >= 1 and cell_head >= 0 (with cell_emb, "
-                              f"context >= 1; cell_mix >= 0 needs cell_head) (got {dim}, {width}, {n_blocks}, {emb}, "
-                              f"{cell_head}, {cell_emb}, {context}, {cell_mix})")
+                (cell_head and min(cell_emb, context) < 1):
+            raise ConfigError(f"VelocityNet needs dim, width, n_blocks, emb >= 1 and cell_head, cell_mix >= 0 (with "
+                              f"cell_emb, context >= 1) (got {dim}, {width}, {n_blocks}, {emb}, {cell_head}, {cell_emb}, "
+                              f"{context}, {cell_mix})")
         self.temb = TimeEmbedding(64)
         self.emb = nn.Sequential(nn.Linear(64 + cond_dim, emb), nn.SiLU(), nn.Linear(emb, emb), nn.SiLU())
         self.inp = nn.Linear(dim + cond_dim, width)
@@ -102,7 +103,7 @@ class VelocityNet(nn.Module):
             self.head = nn.Sequential(nn.SiLU(), nn.Linear(k, k), nn.SiLU(), nn.Linear(k, 1))
             nn.init.zeros_(self.head[-1].weight)    # starts as the plain MLP
             nn.init.zeros_(self.head[-1].bias)
-        self.cell_mix = int(cell_mix)
+        self.cell_mix = int(cell_mix) if self.cell_head else 0     # it modulates the head: none without one
         if self.cell_mix:
             self.mix_cell = nn.Linear(cell_emb, self.cell_mix)                 # (D, r) cell factors
             self.mix_ctx = nn.Linear(context, self.cell_mix * self.cell_head)  # (N, r, k) shower factors
@@ -134,6 +135,12 @@ class VelocityNet(nn.Module):
         """The per-cell head without autograd, the same maths in chunks of showers, in place: the
         (chunk, D, k) activations stay in cache (at batch 10,000 the whole-batch form streams ~0.5 GB
         per operation through memory and took 5x longer). Exported and traced graphs use the plain form."""
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            # float32 on CPUs: the head is element-wise work over (chunk, D, k), which bfloat16 slows there
+            # (no native bf16 vector arithmetic; measured 1.5x slower per evaluation with autocast on)
+            with torch.autocast("cpu", enabled=False):
+                return self._head_inference(x.float(), v.float(), ctx.float(),
+                                            None if mix is None else mix.float(), chunk)
         k = self.cell_head
         cell = self.head_cell(self.cell)                                          # (D, k)
         w_x, w_v = self.head_x[0], self.head_x[1]
