@@ -120,7 +120,7 @@ class VelocityNet(nn.Module):
             return v
         summary = self.context(torch.cat([h, emb], 1))
         ctx = self.head_ctx(summary)                                              # (N, k)
-        mix = self.mix_ctx(summary).view(len(x), self.cell_mix, -1) if self.cell_mix else None   # (N, r, k)
+        mix = self.mix_ctx(summary).unflatten(1, (self.cell_mix, -1)) if self.cell_mix else None   # (N, r, k)
         if torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling() \
                 or torch.compiler.is_exporting():
             # first layer on (N, D, k) without building the (N, D, inputs) tensor: [x_t, v] @ W + cell + context
