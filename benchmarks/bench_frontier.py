@@ -67,6 +67,8 @@ def judge(name: str, run: Path, work: Path, ref: Path, metrics: list[str], sampl
     state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     spec = state["spec"]["model"]
     steps = f"{spec.get('steps', '-')} {spec.get('solver', 'latent')}" if "steps" in spec else "1 (GAN)"
+    if float(spec.get("rho", 1)) != 1 and int(spec.get("steps", 1)) > 1:
+        steps += f" (rho {float(spec['rho']):g})"
     return {"model": name, "train_min": state["state"].get("seconds", float("nan")) / 60,
             "steps": state["state"]["step"], "auc_low": m.get("cls/auc_low", float("nan")),
             "auc_high": m.get("cls/auc_high", float("nan")), "sep_mean": m.get("sep/mean", float("nan")),

@@ -3,8 +3,9 @@
 Objective: with data x, noise z ~ N(0, I) and t ~ U(0, 1), x_t = (1 - t) z + t x and the net
 regresses the constant velocity of the straight path: L = E |v(x_t, t, c) - (x - z)|^2
 (Lipman et al. 2023; Liu et al. 2023). Sampling integrates dx/dt = v from t = 0 (noise) to 1 (data)
-with a fixed-step solver (``euler``, ``midpoint``, ``rk4``; ``steps`` per solve) or the adaptive
-Dormand-Prince solver of torchdiffeq (``dopri5``; tolerances ``rtol``/``atol``) on EMA weights.
+with a fixed-step solver (``euler``, ``midpoint``, ``rk4``; ``steps`` per solve, on a time grid graded
+towards the data end with ``rho`` > 1) or the adaptive Dormand-Prince solver of torchdiffeq
+(``dopri5``; tolerances ``rtol``/``atol``) on EMA weights.
 
 Few-step generation (:class:`Reflow`): a student initialised from a trained CFM learns the straight
 map from each noise draw to the teacher's sample of it (reflow, Liu et al. 2023), so one or two
@@ -208,13 +209,19 @@ def flow_matching_loss(net: nn.Module, x: torch.Tensor, c: torch.Tensor, rng: to
 
 @torch.no_grad()
 def integrate(net: nn.Module, x: torch.Tensor, c: torch.Tensor, steps: int, solver: str,
-              rtol: float = 1e-4, atol: float = 1e-4) -> torch.Tensor:
+              rtol: float = 1e-4, atol: float = 1e-4, rho: float = 1.0) -> torch.Tensor:
     """Solve dx/dt = net(x, t, c) from t = 0 to 1: ``steps`` fixed steps, or adaptively (``dopri5``)
-    to the tolerances ``rtol``/``atol`` (``steps`` is then ignored)."""
+    to the tolerances ``rtol``/``atol`` (``steps`` is then ignored).
+
+    The fixed steps lie on the grid t_i = 1 - (1 - i / steps) ** rho: uniform for ``rho`` = 1, finer
+    towards the data end for ``rho`` > 1, where the learned field stiffens (the exact field of a
+    narrow data mode varies like 1 / (1 - t)); the same number of evaluations."""
     if solver not in SOLVERS:
         raise ConfigError(f"sampler solver={solver!r}: choose one of {list(SOLVERS)}")
     if int(steps) < 1:
         raise ConfigError(f"sampler steps={steps}: must be >= 1")
+    if not float(rho) > 0:
+        raise ConfigError(f"sampler rho={rho}: must be > 0 (1: uniform time steps; > 1: finer towards the data)")
     if solver == "dopri5":
         if not (rtol > 0 and atol > 0):
             raise ConfigError(f"sampler rtol={rtol}, atol={atol}: must be > 0")
@@ -225,9 +232,11 @@ def integrate(net: nn.Module, x: torch.Tensor, c: torch.Tensor, steps: int, solv
 
         t = torch.tensor([0.0, 1.0], device=x.device, dtype=x.dtype)
         return torchdiffeq.odeint(velocity, x, t, rtol=float(rtol), atol=float(atol), method="dopri5")[-1]
-    h = 1.0 / int(steps)
-    for i in range(int(steps)):
-        t = torch.full_like(x[:, 0], i * h)   # follows x's batch size and device when traced
+    n = int(steps)
+    grid = [i / n if float(rho) == 1 else 1.0 - (1.0 - i / n) ** float(rho) for i in range(n + 1)]
+    for i in range(n):
+        h = grid[i + 1] - grid[i]
+        t = torch.full_like(x[:, 0], grid[i])   # follows x's batch size and device when traced
         if solver == "euler":
             x = x + h * net(x, t, c)
         elif solver == "midpoint":
@@ -260,12 +269,13 @@ class FlowSampler(nn.Module):
         return torch.cat([torch.randn(n, d, generator=rng, device=device, dtype=dtype) for d in parts], 1)
 
     def decode(self, noise: torch.Tensor, cond: torch.Tensor, steps: int | None = None, solver: str | None = None,
-               energy_steps: int | None = None, rtol: float = 1e-4, atol: float = 1e-4) -> torch.Tensor:
-        """Events from given noise: a fixed number of solver steps (an exported graph unrolls them) or
-        the adaptive ``dopri5`` to ``rtol``/``atol``."""
+               energy_steps: int | None = None, rtol: float = 1e-4, atol: float = 1e-4,
+               rho: float | None = None) -> torch.Tensor:
+        """Events from given noise: a fixed number of solver steps on the ``rho`` time grid (an
+        exported graph unrolls them) or the adaptive ``dopri5`` to ``rtol``/``atol``."""
         m = self.model
         steps, solver = int(steps or m.steps), str(solver or m.solver)
-        solve = functools.partial(integrate, solver=solver, rtol=rtol, atol=atol)
+        solve = functools.partial(integrate, solver=solver, rtol=rtol, atol=atol, rho=m.rho if rho is None else rho)
         n, L = noise.shape[0], m.energy_dims
         if not L:
             return solve(m.flow, noise, cond, steps).reshape(n, *m.data_shape)
@@ -281,14 +291,16 @@ class CFM(GenerativeModel):
     """Conditional flow matching; ``energy_dims > 0`` splits it into an energy and a shape stage."""
 
     def __init__(self, data_shape: tuple[int, ...], cond_dim: int, net: Any, energy_net: Any = None,
-                 energy_dims: int = 0, steps: int = 20, solver: str = "midpoint", ema: dict[str, float] | None = None):
+                 energy_dims: int = 0, steps: int = 20, solver: str = "midpoint", rho: float = 1.0,
+                 ema: dict[str, float] | None = None):
         super().__init__(data_shape, cond_dim, ema)
-        if solver not in SOLVERS or steps < 1:
-            raise ConfigError(f"model.solver={solver!r}, model.steps={steps}: choose {list(SOLVERS)} and steps >= 1")
+        if solver not in SOLVERS or steps < 1 or not float(rho) > 0:
+            raise ConfigError(f"model.solver={solver!r}, model.steps={steps}, model.rho={rho}: choose {list(SOLVERS)}, "
+                              "steps >= 1 and rho > 0")
         if not 0 <= energy_dims < self.data_dim:
             raise ConfigError(f"model.energy_dims={energy_dims}: must be in [0, {self.data_dim}) "
                               "(0: one stage; otherwise the energy features of the layer_energies transform)")
-        self.energy_dims, self.steps, self.solver = int(energy_dims), int(steps), str(solver)
+        self.energy_dims, self.steps, self.solver, self.rho = int(energy_dims), int(steps), str(solver), float(rho)
         if self.energy_dims:
             self.roles = ("energy", "shape")
             self.energy = (energy_net or net)(dim=self.energy_dims, cond_dim=self.cond_dim)
@@ -333,7 +345,7 @@ class Reflow(CFM):
     """
 
     def __init__(self, data_shape: tuple[int, ...], cond_dim: int, teacher: Any, teacher_sampler: dict | None = None,
-                 tracking_uri: str | None = None, steps: int = 1, solver: str = "euler",
+                 tracking_uri: str | None = None, steps: int = 1, solver: str = "euler", rho: float = 1.0,
                  ema: dict[str, float] | None = None):
         import copy
 
@@ -358,17 +370,18 @@ class Reflow(CFM):
         shape_net = nets["shape"] if t_model.energy_dims else nets["flow"]
         super().__init__(data_shape, cond_dim, net=lambda **_: copy.deepcopy(shape_net),
                          energy_net=(lambda **_: copy.deepcopy(nets["energy"])) if t_model.energy_dims else None,
-                         energy_dims=t_model.energy_dims, steps=steps, solver=solver, ema=ema)
+                         energy_dims=t_model.energy_dims, steps=steps, solver=solver, rho=rho, ema=ema)
         t_model = copy.deepcopy(t_model).eval().requires_grad_(False)
         self.__dict__["teacher"] = t_model            # not a submodule: never saved, never optimised
         self.__dict__["teacher_transform"] = t_transform
-        self.teacher_sampler = {"steps": t_model.steps, "solver": t_model.solver, **(teacher_sampler or {})}
+        self.teacher_sampler = {"steps": t_model.steps, "solver": t_model.solver, "rho": t_model.rho,
+                                **(teacher_sampler or {})}
         self._teacher_cfg = t_cfg
 
     def spec_config(self, cfg: dict[str, Any]) -> dict[str, Any]:
         if self._teacher_cfg is None:
             raise ConfigError("model.teacher: give a run id, checkpoint or run directory to store a rebuildable spec")
-        return {**self._teacher_cfg, "steps": self.steps, "solver": self.solver, "ema": dict(self.ema)}
+        return {**self._teacher_cfg, "steps": self.steps, "solver": self.solver, "rho": self.rho, "ema": dict(self.ema)}
 
     def prepare(self, data) -> None:
         """The student's samples are decoded by this data's transform: its steps must be the teacher's."""
