@@ -121,7 +121,11 @@ def test_gan602_experiment_has_the_seed_settings(tmp_path):
 def test_cfm_30min_experiment_trains_the_default_cfm_on_more_showers_within_30_minutes(tmp_path):
     default = compose_cfg([], tmp_path)
     cfg = compose_cfg(["+experiment=cfm_30min"], tmp_path)
-    assert cfg.model == default.model and cfg.model.net.cell_head > 0        # the default model, unchanged
+    # the default model, unchanged but for its sampler (more steps, finer towards the data)
+    sampler = ("steps", "rho")
+    assert {k: v for k, v in cfg.model.items() if k not in sampler} == \
+        {k: v for k, v in default.model.items() if k not in sampler} and cfg.model.net.cell_head > 0
+    assert cfg.model.steps > default.model.steps and cfg.model.rho > 1
     assert cfg.trainer.max_time == 30 and cfg.trainer.precision == "bf16"
     # the cosine schedule decays over exactly the run's steps
     assert cfg.scheduler._target_.endswith("CosineAnnealingLR") and cfg.scheduler.T_max == cfg.trainer.max_steps > 0
