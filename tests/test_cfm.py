@@ -184,6 +184,21 @@ def test_a_time_grid_graded_towards_the_data_cuts_the_error_where_the_field_stif
         integrate(Linear(), x0, x0[:, :0], 5, solver, rho=0)
 
 
+def test_the_model_and_the_sampler_options_set_the_time_grid():
+    net = functools.partial(VelocityNet, width=16, n_blocks=1, emb=8)
+    torch.manual_seed(0)
+    uniform = CFM((3,), 1, net=net, steps=3)
+    torch.manual_seed(0)
+    graded = CFM((3,), 1, net=net, steps=3, rho=2.0)
+    noise, cond = torch.randn(5, 3, generator=torch.Generator().manual_seed(1)), torch.zeros(5, 1)
+    a, b = uniform.sampler().decode(noise, cond), graded.sampler().decode(noise, cond)
+    assert not torch.equal(a, b)                                       # model.rho is used ...
+    assert torch.equal(uniform.sampler().decode(noise, cond, rho=2.0), b)   # ... and a sampler option overrides it
+    assert torch.equal(graded.sampler().decode(noise, cond, rho=1.0), a)
+    with pytest.raises(ConfigError, match="model.rho"):
+        CFM((3,), 1, net=net, rho=0)
+
+
 class Counting(nn.Module):
     """dx/dt = 0.8 x + sin(6 t), counting its evaluations."""
 

@@ -232,8 +232,8 @@ def integrate(net: nn.Module, x: torch.Tensor, c: torch.Tensor, steps: int, solv
 
         t = torch.tensor([0.0, 1.0], device=x.device, dtype=x.dtype)
         return torchdiffeq.odeint(velocity, x, t, rtol=float(rtol), atol=float(atol), method="dopri5")[-1]
-    n = int(steps)
-    grid = [i / n if float(rho) == 1 else 1.0 - (1.0 - i / n) ** float(rho) for i in range(n + 1)]
+    n, rho = int(steps), float(rho)
+    grid = [i / n if rho == 1 else 1.0 - (1.0 - i / n) ** rho for i in range(n + 1)]   # rho 1: the plain grid
     for i in range(n):
         h = grid[i + 1] - grid[i]
         t = torch.full_like(x[:, 0], grid[i])   # follows x's batch size and device when traced
