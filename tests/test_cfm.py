@@ -291,25 +291,30 @@ def test_threshold_aware_layer_energies_keep_visible_layer_energies():
         assert ((block == 0) | (block >= thr * (1 - 1e-5))).all()
 
 
-def test_dequantised_layer_energies_spread_empty_voxels_and_invert_exactly():
+@pytest.mark.parametrize("dq, delta", [(0.5, 0.1), (0.05, 0.01)])   # the first form; the CFM configs'
+def test_dequantised_layer_energies_spread_empty_voxels_and_invert_exactly(dq, delta):
     e, s = random_showers(300)
     layers, thr = [8, 160, 190, 5, 5], 5.0
-    step = {"step": "layer_energies", "layers": layers, "threshold": thr, "dequantise": 0.5}
+    step = {"step": "layer_energies", "layers": layers, "threshold": thr, "dequantise": dq, "delta": delta}
     t = Transform((368,), [step], {"energy": "log_scale"})
     cut = np.where(s < thr, 0, s)
     y = t.to_network(s, {"energy": e})
     np.testing.assert_allclose(t.to_physical(y, {"energy": e}), cut, rtol=1e-5, atol=1e-6 * s.max())
-    # empty voxels are no longer one spike: spread over log((U(0, 0.5 thr) + 0.1 thr) / max(E_l, thr))
+    # empty voxels are no longer one spike: spread over log((U(0, dq thr) + delta thr) / max(E_l, thr))
     layer_e = np.add.reduceat(cut, np.cumsum([0] + layers[:-1]), axis=1)
     den = np.maximum(np.repeat(layer_e, layers, axis=1), thr)
     empty = cut == 0
-    u = (np.exp(y[:, 5:]) * den - 0.1 * thr)[empty] / (0.5 * thr)
-    assert u.min() >= -1e-6 and u.max() <= 1 + 1e-6 and abs(u.mean() - 0.5) < 0.01 and abs(u.std() - 12 ** -0.5) < 0.01
+    u = (np.exp(y[:, 5:]) * den - delta * thr)[empty] / (dq * thr)
+    assert u.min() >= -1e-4 and u.max() <= 1 + 1e-4 and abs(u.mean() - 0.5) < 0.01 and abs(u.std() - 12 ** -0.5) < 0.01
     assert len(np.unique(np.round(u, 6))) > 0.9 * empty.sum()
+    # ... a band log((1 + delta) / (dq + delta)) below the lowest visible value of the same shower and layer
+    floor = np.log(thr * (1 + delta) / den)
+    assert (y[:, 5:][empty] <= (floor - np.log((1 + delta) / (dq + delta)))[empty] + 1e-5).all()
+    assert (y[:, 5:][~empty] >= floor[~empty] - 1e-5).all()
     # the noise belongs to the shower: the same in any chunking and order
     part = t.to_network(s[::-1][:100].copy(), {"energy": e[::-1][:100].copy()})
     np.testing.assert_array_equal(part, y[::-1][:100])
-    with pytest.raises(Exception, match="dequantise=0.5 .* needs threshold > 0"):
+    with pytest.raises(Exception, match=f"dequantise={dq} .* needs threshold > 0"):
         Transform((368,), [dict(step, threshold=0.0)], {"energy": "log_scale"})
 
 

@@ -133,6 +133,15 @@ def test_cfm_30min_experiment_trains_the_default_cfm_on_more_showers_within_30_m
     caloexp.config.validate_trainer(cfg.trainer)
 
 
+def test_the_flow_matching_models_share_one_data_transform(tmp_path):
+    """A reflow student must see its teacher's features, and cfm_vit is cfm with another shape net."""
+    cfms = [compose_cfg([f"model={m}", "model.teacher=x"] if m == "reflow" else [f"model={m}"], tmp_path)
+            for m in ("cfm", "cfm_vit", "reflow")]
+    assert cfms[0].data.transform == cfms[1].data.transform == cfms[2].data.transform
+    step = cfms[0].data.transform.steps[0]
+    assert step.step == "layer_energies" and 0 < step.dequantise < 1 and step.delta > 0
+
+
 def test_tracking_uri_follows_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
     assert compose_cfg([], tmp_path).logger.tracking_uri == "http://127.0.0.1:5999"

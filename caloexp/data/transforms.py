@@ -315,7 +315,11 @@ class LayerEnergies(Step):
     U(0, dq·thr), a function of the shower and the voxel alone (the same in any chunking or order),
     and the shapes become ``g_k = log((x_k + delta·thr) / max(E_layer, thr))``; the inverse cuts
     everything below thr again and rescales the survivors to E_layer, so the hit pattern is decided by
-    where the generated values cross the threshold.
+    where the generated values cross the threshold. The empty band ends log((1 + delta) / (dq + delta))
+    below the threshold in g: a gap the flow's smoothing must cross to make a spurious hit. Its place in
+    g moves with E_layer, so per voxel it is a fraction of the spread of g; a narrow gap (0.6 for
+    dq = 0.5, delta = 0.1) leaks empty voxels into hits just above thr, most visibly in rarely hit outer
+    voxels; too wide a gap starves the hits just above thr (README "The gap below the threshold").
 
     ``dequantise_layers`` (a fraction dl of the threshold, needs ``threshold``): the same for whole
     layers. A layer with no visible energy (26-43 % of showers in dataset 1's sparse layers) makes the
