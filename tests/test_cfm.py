@@ -3,6 +3,7 @@ layer-energy transform it relies on, and a train -> resume -> generate run."""
 from __future__ import annotations
 
 import functools
+import re
 
 import numpy as np
 import pytest
@@ -291,7 +292,8 @@ def test_threshold_aware_layer_energies_keep_visible_layer_energies():
         assert ((block == 0) | (block >= thr * (1 - 1e-5))).all()
 
 
-@pytest.mark.parametrize("dq, delta", [(0.5, 0.1), (0.05, 0.01)])   # the configs' default; the widest gap measured
+@pytest.mark.parametrize("dq, delta", [(0.5, 0.1), (0.05, 0.01), (0.2, 0.04),  # the configs' default; the widest gap measured; the best measured
+                                       ([0.2, 0.5, 0.5, 0.2, 0.2], [0.04, 0.1, 0.1, 0.04, 0.04])])   # one per layer
 def test_dequantised_layer_energies_spread_empty_voxels_and_invert_exactly(dq, delta):
     e, s = random_showers(300)
     layers, thr = [8, 160, 190, 5, 5], 5.0
@@ -303,19 +305,43 @@ def test_dequantised_layer_energies_spread_empty_voxels_and_invert_exactly(dq, d
     # empty voxels are no longer one spike: spread over log((U(0, dq thr) + delta thr) / max(E_l, thr))
     layer_e = np.add.reduceat(cut, np.cumsum([0] + layers[:-1]), axis=1)
     den = np.maximum(np.repeat(layer_e, layers, axis=1), thr)
+    dq_v, delta_v = (np.repeat(np.broadcast_to(v, len(layers)), layers)[None] * np.ones_like(cut) for v in (dq, delta))
     empty = cut == 0
-    u = (np.exp(y[:, 5:]) * den - delta * thr)[empty] / (dq * thr)
+    u = (np.exp(y[:, 5:]) * den - delta_v * thr)[empty] / (dq_v * thr)[empty]
     assert u.min() >= -1e-6 and u.max() <= 1 + 1e-6 and abs(u.mean() - 0.5) < 0.01 and abs(u.std() - 12 ** -0.5) < 0.01
     assert len(np.unique(np.round(u, 6))) > 0.9 * empty.sum()
-    # ... a band log((1 + delta) / (dq + delta)) below the lowest visible value of the same shower and layer
-    floor = np.log(thr * (1 + delta) / den)
-    assert (y[:, 5:][empty] <= (floor - np.log((1 + delta) / (dq + delta)))[empty] + 1e-5).all()
+    # ... a band log((1 + delta) / (dq + delta)) (of the voxel's layer) below the lowest visible value of the
+    # same shower and layer
+    floor = np.log(thr * (1 + delta_v) / den)
+    assert (y[:, 5:][empty] <= (floor - np.log((1 + delta_v) / (dq_v + delta_v)))[empty] + 1e-5).all()
     assert (y[:, 5:][~empty] >= floor[~empty] - 1e-5).all()
     # the noise belongs to the shower: the same in any chunking and order
     part = t.to_network(s[::-1][:100].copy(), {"energy": e[::-1][:100].copy()})
     np.testing.assert_array_equal(part, y[::-1][:100])
-    with pytest.raises(Exception, match=f"dequantise={dq} .* needs threshold > 0"):
+    with pytest.raises(Exception, match=re.escape(f"dequantise={dq}") + " .* needs threshold > 0"):
         Transform((368,), [dict(step, threshold=0.0)], {"energy": "log_scale"})
+
+
+def test_per_layer_gaps_equal_the_scalar_where_they_agree_and_wrong_lists_are_one_line_errors():
+    e, s = random_showers(200)
+    layers = [8, 160, 190, 5, 5]
+    step = {"step": "layer_energies", "layers": layers, "threshold": 1.0, "dequantise": 0.5, "delta": 0.1}
+    one = Transform((368,), [step], {"energy": "log_scale"}).to_network(s, {"energy": e})
+    each = Transform((368,), [dict(step, dequantise=[0.5] * 5, delta=[0.1] * 5)], {"energy": "log_scale"})
+    np.testing.assert_array_equal(each.to_network(s, {"energy": e}), one)
+    # a layer's own gap changes only that layer's empty voxels
+    wide = Transform((368,), [dict(step, dequantise=[0.2, 0.5, 0.5, 0.5, 0.5], delta=[0.04, 0.1, 0.1, 0.1, 0.1])],
+                     {"energy": "log_scale"}).to_network(s, {"energy": e})
+    changed = np.flatnonzero((wide != one).any(0))
+    assert changed.size and changed.min() >= 5 and changed.max() < 5 + 8
+    for bad, why in [({"dequantise": [0.5] * 4}, "one number per layer .5 layers"),
+                     ({"delta": [0.1, 0.1, "x", 0.1, 0.1]}, "one number per layer"),
+                     ({"dequantise": [0.5, 0.5, 0.0, 0.5, 0.5]}, "> 0 for every layer or 0 for all"),
+                     ({"delta": [0.1, 0.1, 0.1, 0.1, 0.0]}, "must be > 0"),
+                     ({"dequantise": [0.5, 0.5, 1.5, 0.5, 0.5]}, r"must be in \[0, 1\)")]:
+        with pytest.raises(ConfigError, match="transform step layer_energies: " + ".*" + why) as info:
+            Transform((368,), [dict(step, **bad)], {"energy": "log_scale"})
+        assert "\n" not in str(info.value)
 
 
 def test_dequantised_layers_turn_the_empty_layer_spikes_into_a_band_below_threshold_and_invert_exactly():

@@ -320,6 +320,7 @@ class LayerEnergies(Step):
     g moves with E_layer, so per voxel it is a fraction of the spread of g; a narrow gap (0.6 for
     dq = 0.5, delta = 0.1) leaks empty voxels into hits just above thr, most visibly in rarely hit outer
     voxels; too wide a gap starves the hits just above thr (README "The gap below the threshold").
+    ``dequantise`` and ``delta`` are one number, or one per layer: each layer then has its own gap.
 
     ``dequantise_layers`` (a fraction dl of the threshold, needs ``threshold``): the same for whole
     layers. A layer with no visible energy (26-43 % of showers in dataset 1's sparse layers) makes the
@@ -341,7 +342,8 @@ class LayerEnergies(Step):
     name = "layer_energies"
 
     def __init__(self, event_shape, layers: Sequence[int], key: str = "energy", alpha: float = 1e-6,
-                 alpha_e: float = 1e-6, threshold: float = 0.0, dequantise: float = 0.0, delta: float = 0.1,
+                 alpha_e: float = 1e-6, threshold: float = 0.0, dequantise: float | Sequence[float] = 0.0,
+                 delta: float | Sequence[float] = 0.1,
                  dequantise_layers: float = 0.0, hit_counts: bool = False):
         super().__init__(event_shape)
         if isinstance(layers, str):
@@ -357,17 +359,30 @@ class LayerEnergies(Step):
             raise ConfigError(f"transform step layer_energies: threshold={threshold} must be >= 0")
         self.layers, self.key, self.alpha, self.alpha_e = sizes, str(key), float(alpha), float(alpha_e)
         self.threshold = float(threshold)
+        dq_l, delta_l = self._per_layer("dequantise", dequantise), self._per_layer("delta", delta)
         for key, value in (("dequantise", dequantise), ("dequantise_layers", dequantise_layers)):
-            if not 0 <= value < 1 or (value > 0 and self.threshold <= 0):
+            values = dq_l if key == "dequantise" else [float(value)]
+            if not all(0 <= v < 1 for v in values) or (max(values) > 0 and self.threshold <= 0):
                 raise ConfigError(f"transform step layer_energies: {key}={value} must be in [0, 1) and needs "
                                   f"threshold > 0 (threshold={threshold})")
-        if not delta > 0:
+        if 0 in dq_l and max(dq_l) > 0:
+            raise ConfigError(f"transform step layer_energies: dequantise={dequantise} must be > 0 for every layer "
+                              "or 0 for all")
+        if not all(d > 0 for d in delta_l):
             raise ConfigError(f"transform step layer_energies: delta={delta} must be > 0")
-        self.dequantise, self.delta = float(dequantise), float(delta)
+        # the settings as given (one number, or one per layer) and their values at each voxel
+        self.dequantise = float(dequantise) if isinstance(dequantise, (int, float)) else dq_l
+        self.delta = float(delta) if isinstance(delta, (int, float)) else delta_l
+        per_voxel = torch.tensor(sizes)   # in MeV, float64 like the Python products these were when scalars
+        self.register_buffer("dq_thr", (torch.tensor(dq_l, dtype=torch.float64) * self.threshold)
+                             .repeat_interleave(per_voxel), persistent=False)
+        self.register_buffer("delta_thr", (torch.tensor(delta_l, dtype=torch.float64) * self.threshold)
+                             .repeat_interleave(per_voxel), persistent=False)
+        self.dequantised = max(dq_l) > 0
         self.dequantise_layers = float(dequantise_layers)
         if not isinstance(hit_counts, bool):
             raise ConfigError(f"transform step layer_energies: hit_counts={hit_counts!r} must be true or false")
-        if hit_counts and not self.dequantise:
+        if hit_counts and not self.dequantised:
             raise ConfigError("transform step layer_energies: hit_counts=true needs dequantise > 0 "
                               f"(dequantise={dequantise})")
         self.hit_counts = hit_counts
@@ -375,6 +390,17 @@ class LayerEnergies(Step):
                              persistent=False)
         ends = np.cumsum(sizes).tolist()
         self.slices = list(zip([0, *ends[:-1]], ends))      # each layer's voxel range
+
+    def _per_layer(self, key: str, value: float | Sequence[float]) -> list[float]:
+        """A setting given as one number or one per layer -> one per layer."""
+        try:
+            values = [float(value)] * len(self.layers) if isinstance(value, (int, float)) else [float(v) for v in value]
+        except (TypeError, ValueError):
+            values = []
+        if len(values) != len(self.layers):
+            raise ConfigError(f"transform step layer_energies: {key}={value!r} must be a number or one number per "
+                              f"layer ({len(self.layers)} layers)")
+        return values
 
     @property
     def out_shape(self) -> tuple[int, ...]:
@@ -419,10 +445,10 @@ class LayerEnergies(Step):
         q = torch.where(tail > 0, rest / tail.clamp_min(1e-30), torch.ones_like(tail))   # 1 - r, without cancellation
         a = self.alpha_e
         den = self._per_voxel(visible)
-        if self.dequantise:
+        if self.dequantised:
             thr = self.threshold
-            x = torch.where(x > 0, x, self.dequantise * thr * _hash_uniform(visible, x.shape[1]).to(x.dtype))
-            g = torch.log((x + self.delta * thr) / den.clamp_min(thr))
+            x = torch.where(x > 0, x, self.dq_thr.to(x) * _hash_uniform(visible, x.shape[1]).to(x.dtype))
+            g = torch.log((x + self.delta_thr.to(x)) / den.clamp_min(thr))
         else:
             g = torch.log(torch.where(den > 0, x / den.clamp_min(1e-30), torch.zeros_like(x)) + self.alpha)
         logit = torch.log(a + (1 - 2 * a) * r) - torch.log(a + (1 - 2 * a) * q)
@@ -445,8 +471,8 @@ class LayerEnergies(Step):
         el = etot * keep * torch.cat([r, torch.ones_like(r[:, :1])], 1)
         if self.dequantise_layers:   # below the threshold a layer is empty (its pseudo-energy, or a generated one)
             el = el * (el >= self.threshold).to(el.dtype)
-        if self.dequantise:
-            v = torch.exp(g) * self._per_voxel(el).clamp_min(self.threshold) - self.delta * self.threshold
+        if self.dequantised:
+            v = torch.exp(g) * self._per_voxel(el).clamp_min(self.threshold) - self.delta_thr.to(g)
             if self.hit_counts:
                 return self._keep_top(v, el, torch.floor(torch.expm1(y[:, n_l:n_f])))
             return self._cut(v, el, repeat=3)
