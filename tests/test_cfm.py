@@ -292,8 +292,9 @@ def test_threshold_aware_layer_energies_keep_visible_layer_energies():
         assert ((block == 0) | (block >= thr * (1 - 1e-5))).all()
 
 
-@pytest.mark.parametrize("dq, delta", [(0.2, 0.04), (0.5, 0.1), (0.05, 0.01),  # the configs' default; the one until 2026-11-25; the widest gap measured
-                                       ([0.2, 0.5, 0.5, 0.2, 0.2], [0.04, 0.1, 0.1, 0.04, 0.04])])   # one per layer
+# the configs' default; the one until 2026-11-25; the widest gap measured; one per layer
+@pytest.mark.parametrize("dq, delta", [(0.2, 0.04), (0.5, 0.1), (0.05, 0.01),
+                                       ([0.2, 0.5, 0.5, 0.2, 0.2], [0.04, 0.1, 0.1, 0.04, 0.04])])
 def test_dequantised_layer_energies_spread_empty_voxels_and_invert_exactly(dq, delta):
     e, s = random_showers(300)
     layers, thr = [8, 160, 190, 5, 5], 5.0

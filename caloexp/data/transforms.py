@@ -360,8 +360,8 @@ class LayerEnergies(Step):
         self.layers, self.key, self.alpha, self.alpha_e = sizes, str(key), float(alpha), float(alpha_e)
         self.threshold = float(threshold)
         dq_l, delta_l = self._per_layer("dequantise", dequantise), self._per_layer("delta", delta)
-        for key, value in (("dequantise", dequantise), ("dequantise_layers", dequantise_layers)):
-            values = dq_l if key == "dequantise" else [float(value)]
+        for key, value, values in (("dequantise", dequantise, dq_l),
+                                   ("dequantise_layers", dequantise_layers, [float(dequantise_layers)])):
             if not all(0 <= v < 1 for v in values) or (max(values) > 0 and self.threshold <= 0):
                 raise ConfigError(f"transform step layer_energies: {key}={value} must be in [0, 1) and needs "
                                   f"threshold > 0 (threshold={threshold})")
@@ -373,7 +373,8 @@ class LayerEnergies(Step):
         # the settings as given (one number, or one per layer) and their values at each voxel
         self.dequantise = float(dequantise) if isinstance(dequantise, (int, float)) else dq_l
         self.delta = float(delta) if isinstance(delta, (int, float)) else delta_l
-        per_voxel = torch.tensor(sizes)   # in MeV, float64 like the Python products these were when scalars
+        # dq·thr and delta·thr at each voxel, in MeV (float64, as the Python products were when they were scalars)
+        per_voxel = torch.tensor(sizes)
         self.register_buffer("dq_thr", (torch.tensor(dq_l, dtype=torch.float64) * self.threshold)
                              .repeat_interleave(per_voxel), persistent=False)
         self.register_buffer("delta_thr", (torch.tensor(delta_l, dtype=torch.float64) * self.threshold)
